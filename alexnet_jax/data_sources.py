@@ -1,0 +1,277 @@
+"""Where examples come from: TFDS, an image folder or scikit-learn's bundled digits.
+
+A source lists a split as a tf.data stream of handles, small dicts {'key': the example's name
+for warnings (file path or TFDS id), 'label': int32, ...}, in a canonical order or in an order
+shuffled by a seed. Handles are cheap (a path, an undecoded record, 8x8 pixels), so the
+pipeline skips and shards them before any image is read or decoded; `load` then turns a handle
+into the example's data (encoded file or pixels) for preprocessing.
+
+Used through input_pipeline, which keeps TensorFlow off the GPUs.
+"""
+
+import abc
+import functools
+import os
+from typing import Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+# What tfds.folder_dataset.ImageFolder and torchvision's ImageFolder accept, minus the formats
+# tf.io.decode_image cannot read.
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp')
+# The files the installed TFDS imagenet2012 builder reads from its manual dir.
+IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+DIGITS_TEST_FRACTION = 0.2
+
+ShuffleSeed = Optional[tuple[int, int]]
+
+
+class Source(abc.ABC):
+  """A dataset's splits as streams of handles."""
+
+  # Label i is class_names[i].
+  class_names: list[str]
+  # load() returns an encoded image file (scalar string); False: pixels [h, w, 3].
+  encoded: bool
+
+  @abc.abstractmethod
+  def num_examples(self, split: str) -> int:
+    """Number of examples in a split."""
+
+  @abc.abstractmethod
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
+    """A split's handles, in canonical order or shuffled by a seed (two non-negative ints)."""
+
+  @abc.abstractmethod
+  def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
+    """The example's data (graph function): encoded file, or pixels [h, w, 3]."""
+
+
+class ArraySource(Source):
+  """Splits held as numpy arrays of handles; a shuffle is a full permutation.
+
+  Each split is a dict of equally long arrays: 'key' and 'label', plus 'pixels' [n, h, w, 3]
+  when the data are in memory (read_files False); otherwise 'key' is the file to read.
+  """
+
+  def __init__(self, splits: dict[str, dict[str, np.ndarray]], class_names: list[str],
+               read_files: bool):
+    self._splits = splits
+    self.class_names = class_names
+    self.encoded = read_files
+
+  def _split(self, split: str) -> dict[str, np.ndarray]:
+    if split not in self._splits:
+      raise ValueError(f'Unknown split {split!r}; this dataset has {sorted(self._splits)}.')
+    return self._splits[split]
+
+  def num_examples(self, split: str) -> int:
+    return len(self._split(split)['label'])
+
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
+    arrays = self._split(split)
+    if shuffle_seed is not None:
+      order = np.random.default_rng(shuffle_seed).permutation(len(arrays['label']))
+      arrays = {name: array[order] for name, array in arrays.items()}
+    return tf.data.Dataset.from_tensor_slices(arrays)
+
+  def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
+    return tf.io.read_file(handle['key']) if self.encoded else handle['pixels']
+
+
+class TfdsSource(Source):
+  """A prepared TFDS dataset, read without decoding; a shuffle reads the files in a seeded
+  order through a seeded shuffle buffer."""
+
+  def __init__(self, builder: tfds.core.DatasetBuilder, shuffle_buffer_size: int):
+    self._builder = builder
+    self._shuffle_buffer_size = shuffle_buffer_size
+    self._image_key, self._label_key = builder.info.supervised_keys or ('image', 'label')
+    self.class_names = list(builder.info.features[self._label_key].names)
+    self.encoded = True
+
+  def _check_split(self, split: str):
+    if split not in self._builder.info.splits:
+      raise ValueError(f'Unknown split {split!r} of {self._builder.name}; it has '
+                       f'{sorted(self._builder.info.splits)}.')
+
+  def num_examples(self, split: str) -> int:
+    self._check_split(split)
+    return self._builder.info.splits[split].num_examples
+
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
+    self._check_split(split)
+    seed = None
+    if shuffle_seed is not None:
+      seed = int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0])
+    ds = self._builder.as_dataset(
+        split=split,
+        shuffle_files=seed is not None,
+        decoders={self._image_key: tfds.decode.SkipDecoding()},
+        read_config=tfds.ReadConfig(
+            shuffle_seed=seed, add_tfds_id=True, try_autocache=False, skip_prefetch=True))
+    ds = ds.map(lambda example: {
+        'key': example['tfds_id'],
+        'label': tf.cast(example[self._label_key], tf.int32),
+        'image': example[self._image_key],
+    })
+    if seed is not None:
+      ds = ds.shuffle(self._shuffle_buffer_size, seed=seed)
+    return ds
+
+  def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
+    return handle['image']
+
+
+def get_source(config) -> Source:
+  """The source config.dataset names: 'folder', 'digits', or a TFDS name (prepared if need be).
+
+  Raises:
+    ValueError: the data are missing, with what to put where.
+  """
+  if config.dataset == 'folder':
+    return folder_source(config.data_dir, config.train_split, config.eval_split)
+  if config.dataset == 'digits':
+    return digits_source()
+  return TfdsSource(tfds_builder(config.dataset, config.data_dir, config.manual_dir),
+                    config.shuffle_buffer_size)
+
+
+# ------------------------------------------------------------------------------- folder
+
+
+def folder_source(root: Optional[str], *splits: str) -> ArraySource:
+  """An image folder ROOT/<split>/<class>/<image>; label = index of the class in the sorted
+  class folders of the first split (the training split)."""
+  if not root:
+    raise ValueError("dataset='folder' needs config.data_dir: the root of ROOT/<split>/<class>/"
+                     '*.JPEG.')
+  listings = {split: _list_folder(os.path.join(root, split)) for split in dict.fromkeys(splits)}
+  class_names = sorted(listings[splits[0]])
+  class_index = {name: i for i, name in enumerate(class_names)}
+  arrays = {}
+  for split, listing in listings.items():
+    extra = sorted(set(listing) - set(class_index))
+    if extra:
+      raise ValueError(f'{os.path.join(root, split)} has classes the {splits[0]!r} split lacks: '
+                       f'{extra[:5]}; both splits need the same class folders.')
+    paths = [path for name in sorted(listing) for path in listing[name]]
+    labels = [class_index[name] for name in sorted(listing) for _ in listing[name]]
+    arrays[split] = {'key': np.array(paths), 'label': np.array(labels, np.int32)}
+  return ArraySource(arrays, class_names, read_files=True)
+
+
+@functools.lru_cache(maxsize=None)
+def _list_folder(split_dir: str) -> dict[str, list[str]]:
+  """{class folder name: sorted image paths} of one split; cached (ImageNet has 1.3M files)."""
+  if not tf.io.gfile.isdir(split_dir):
+    raise ValueError(f'Image folder split {split_dir} does not exist; expected '
+                     f'{split_dir}/<class>/<image>.JPEG (set config.data_dir and the split names).')
+  # Hidden folders (.ipynb_checkpoints, ...) are not classes.
+  classes = sorted(name.rstrip('/') for name in tf.io.gfile.listdir(split_dir)
+                   if not name.startswith('.')
+                   and tf.io.gfile.isdir(os.path.join(split_dir, name)))
+  if not classes:
+    raise ValueError(f'{split_dir} has no class folders; expected {split_dir}/<class>/<image>.')
+  listing = {name: [] for name in classes}
+  for path in tf.io.gfile.glob(os.path.join(split_dir, '*', '*')):
+    name = os.path.basename(os.path.dirname(path))
+    if name in listing and path.lower().endswith(IMAGE_EXTENSIONS):
+      listing[name].append(path)
+  for name, paths in listing.items():
+    if not paths:
+      raise ValueError(f'Class folder {os.path.join(split_dir, name)} has no images '
+                       f'({", ".join(IMAGE_EXTENSIONS)}); remove it or add its images.')
+    paths.sort()
+  logging.info('Listed %d images in %d classes under %s.',
+               sum(map(len, listing.values())), len(listing), split_dir)
+  return listing
+
+
+# ------------------------------------------------------------------------------- digits
+
+
+@functools.lru_cache(maxsize=None)
+def digits_source() -> ArraySource:
+  """scikit-learn's 1,797 8x8 digits: a fixed stratified 80/20 'train'/'test' split, pixels
+  0..16 scaled to 0..255, grey repeated to RGB."""
+  # Imported here: scikit-learn is only needed for this source.
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  pixels = np.repeat(digits.images[..., None] * (255 / 16), 3, axis=-1).astype(np.float32)
+  train, test = model_selection.train_test_split(
+      np.arange(len(digits.target)), test_size=DIGITS_TEST_FRACTION,
+      stratify=digits.target, random_state=0)
+  splits = {}
+  for split, index in (('train', np.sort(train)), ('test', np.sort(test))):
+    splits[split] = {
+        'key': np.array([f'digits/{i}' for i in index]),
+        'label': digits.target[index].astype(np.int32),
+        'pixels': pixels[index],
+    }
+  return ArraySource(splits, [str(c) for c in range(10)], read_files=False)
+
+
+# --------------------------------------------------------------------------------- TFDS
+
+
+def tfds_builder(name: str, data_dir: Optional[str],
+                 manual_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  """The TFDS builder of a prepared dataset; prepares it first if need be.
+
+  Raises:
+    ValueError: unknown name, a manual download missing (saying which files go where), or
+      preparation failed (e.g. no internet).
+  """
+  try:
+    builder = tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={name!r} is neither 'folder', 'digits', 'fake' nor a "
+                     f'TFDS dataset: {e}') from e
+  if not builder.is_prepared():
+    _prepare(builder, manual_dir)
+  return builder
+
+
+def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]):
+  """Downloads and prepares a TFDS dataset, once (manual datasets need their files first)."""
+  root = str(builder.data_dir_root)
+  manual_dir = manual_dir or os.path.join(root, 'downloads', 'manual')
+  command = f'tfds build {builder.name} --data_dir={root}'
+  if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+    command += f' --manual_dir={manual_dir}'
+    required = IMAGENET_MANUAL_FILES if builder.name == 'imagenet2012' else ()
+    missing = [os.path.join(manual_dir, f) for f in required
+               if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+    if missing or not tf.io.gfile.exists(manual_dir):
+      raise ValueError(_missing_manual_message(builder, root, manual_dir, missing, command))
+  logging.info('Preparing TFDS %s in %s, once (ImageNet takes hours).', builder.name, root)
+  try:
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  except Exception as e:  # Any failure of TFDS's download or build; re-raised with the fix.
+    raise ValueError(
+        f'TFDS dataset {builder.name} is not prepared in {root} and preparing it failed '
+        f'({type(e).__name__}: {e}). It downloads once (needs the internet); or run\n'
+        f'  {command}\non a machine that has it and copy {builder.data_dir} here.') from e
+
+
+def _missing_manual_message(builder, root: str, manual_dir: str, missing: list[str],
+                            command: str) -> str:
+  if builder.name == 'imagenet2012':
+    return (
+        f'ImageNet (TFDS imagenet2012) is not prepared in {root}, and its manual download is '
+        f'missing: {", ".join(missing)}.\n'
+        f'Download {" and ".join(IMAGENET_MANUAL_FILES)} from '
+        'https://image-net.org/download-images (free registration) into '
+        f'{manual_dir} (or set config.manual_dir), then run once (hours):\n  {command}\n'
+        'or just rerun this command, which prepares it. An extracted ImageNet works too: '
+        "--config.dataset=folder --config.data_dir=ROOT with ROOT/train/<wnid>/*.JPEG and "
+        "ROOT/val/<wnid>/*.JPEG (and --config.eval_split=val).")
+  return (f'TFDS dataset {builder.name} is not prepared in {root} and needs a manual download '
+          f'into {manual_dir} (config.manual_dir):\n{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}\n'
+          f'then run once:\n  {command}')

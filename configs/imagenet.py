@@ -1,0 +1,108 @@
+"""The paper's recipe: AlexNet on ILSVRC-2012 (Krizhevsky, Sutskever, Hinton, 2012).
+
+Every knob the code reads lives here, with where its default comes from. The other configs
+start from this one and change only what differs.
+
+    python -m alexnet_jax.main --config=configs/imagenet.py --workdir=/tmp/alexnet \
+        --config.data_dir=/path/to/tensorflow_datasets
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Returns the paper's ImageNet training configuration."""
+  config = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- data
+  # 'imagenet2012' (TFDS, manual download), 'folder' (ROOT/{train,val}/CLASS/*),
+  # 'digits' (scikit-learn's bundled 8x8 digits, no download), 'fake' (synthetic, throughput
+  # only), or any other TFDS name such as 'imagenette/full-size-v2'.
+  config.dataset = 'imagenet2012'
+  # TFDS data dir, or the image-folder root when dataset == 'folder'. None: TFDS's default.
+  config.data_dir = ml_collections.FieldReference(None, field_type=str)
+  # Where TFDS looks for ILSVRC2012_img_{train,val}.tar. None: <data_dir>/downloads/manual.
+  config.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  config.train_split = 'train'
+  config.eval_split = 'validation'  # ILSVRC-2012 val; the paper reports on it.
+  config.num_classes = 1000
+
+  # ------------------------------------------------------ preprocessing
+  config.image_size = 224  # Paper: 224 (with conv1 padding as torchvision; Caffe crops 227).
+  config.resize_size = 256  # Paper: shorter side to 256 ...
+  config.center_crop_train = True  # ... then the central 256x256 before random crops (paper).
+  # 'paper': random image_size crop of the resized image; 'random_resized': Inception-style
+  # area/aspect crop (the modern default of torchvision and Flax's ImageNet example).
+  config.train_crop = 'paper'
+  config.random_flip = True  # Paper: horizontal reflections.
+  config.pca_lighting_std = 0.1  # Paper: alpha ~ N(0, 0.1) on the RGB eigenbasis; 0 turns it off.
+  # 'channel': subtract the per-channel ImageNet mean (torchvision/Flax habit, our default);
+  # 'pixel': the paper's mean image of the training set (computed once and cached, see README);
+  # 'none'. Images are scaled to [0, 255] before subtraction, as in the paper and Caffe.
+  config.mean_subtraction = 'channel'
+  config.mean_image_path = ml_collections.FieldReference(None, field_type=str)
+  config.eval_crops = 1  # 1: centre crop (Caffe/torchvision numbers); 10: the paper's 10-crop.
+  config.on_bad_image = 'skip'  # 'skip' (warn, count) or 'raise' on undecodable files.
+
+  # ------------------------------------------------------------ tf.data
+  config.shuffle_buffer_size = 16_384
+  config.cache = False  # Cache decoded eval data in memory (small datasets only).
+  config.num_parallel_calls = -1  # -1: tf.data.AUTOTUNE.
+  config.private_threadpool_size = 0  # 0: TF's default (all cores).
+  config.deterministic = True  # Same seed, same batches; False trades that for speed.
+  config.prefetch_to_device = 2  # Batches staged on device ahead of the step.
+
+  # -------------------------------------------------------------- model
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = 'paper'  # 'paper' (grouped, LRN) or 'torchvision' (one weird trick).
+  # 'paper': N(0, 0.01), bias 1 in conv2/4/5/fc6/fc7. 'caffe': bias 0.1, fc6/7 std 0.005.
+  # 'he': Kaiming-normal, zero bias (quick modern runs).
+  config.model.init = 'paper'
+  config.model.dropout_rate = 0.5  # Paper.
+  config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for speed on GPU/TPU.
+  # LRN in TensorFlow's convention (alpha not divided by the window): the paper's literal
+  # k=2, n=5, alpha=1e-4, beta=0.75. Caffe's bvlc_alexnet: bias=1.0, alpha=2e-5.
+  config.model.lrn_depth_radius = 2
+  config.model.lrn_bias = 2.0
+  config.model.lrn_alpha = 1e-4
+  config.model.lrn_beta = 0.75
+
+  # ---------------------------------------------------------- optimizer
+  # 'paper_momentum': v <- m v - lr (g + wd w); w <- w + v (the learning rate inside the
+  # velocity, as the paper writes it). 'sgd': optax.sgd / PyTorch, lr applied after momentum.
+  config.optimizer = 'paper_momentum'
+  config.learning_rate = 0.01  # Paper.
+  config.momentum = 0.9  # Paper.
+  config.weight_decay = 5e-4  # Paper.
+  # The paper's update names the weights w only; Caffe's bvlc_alexnet sets decay_mult 0 on
+  # biases. True decays biases too.
+  config.weight_decay_on_biases = False
+  config.label_smoothing = 0.0  # Paper: none.
+
+  # --------------------------------------------------- learning rate
+  # 'plateau': divide by plateau_factor when val top-1 stops improving (paper, three times);
+  # 'step': multiply by plateau_factor at each epoch in step_epochs; 'cosine'; 'constant'.
+  config.lr_schedule = 'plateau'
+  config.plateau_factor = 0.1  # Paper: divide by 10.
+  config.plateau_patience = 3  # Evaluations without improvement before a drop (our choice).
+  config.plateau_min_delta = 1e-3  # Smallest top-1 gain that counts as improvement.
+  config.plateau_max_drops = 3  # Paper: "reduced three times prior to termination".
+  config.step_epochs = (30, 60, 80)
+  config.warmup_epochs = 0.0
+
+  # ------------------------------------------------------------- run
+  config.batch_size = 128  # Paper: global batch, split over all devices.
+  config.eval_batch_size = 256
+  config.num_epochs = 90.0  # Paper: "roughly 90 cycles".
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.steps_per_eval = -1  # -1: the whole eval split.
+  config.eval_every_epochs = 1.0
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 1000
+  config.keep_checkpoints = 3  # Plus the best by val top-1.
+  config.seed = 0
+  config.num_devices = 0  # 0: all local devices; N: the first N (e.g. to compare counts).
+  config.on_nonfinite = 'stop'  # 'stop' the run, or 'skip' the step and count it.
+  config.allow_config_change = False  # Resume a workdir written with another config.
+  config.init_from = ml_collections.FieldReference(None, field_type=str)  # Weights to start from.
+  return config

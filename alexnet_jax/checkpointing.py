@@ -58,13 +58,18 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: Mapping[str, Any],
   if not all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)):
     raise CheckpointError(f'Refusing to checkpoint step {step}: the parameters are not finite. '
                           f'Last good checkpoint: {manager.latest_step()}.')
-  state_dict = flax.serialization.to_state_dict(state)
+  state_dict = _as_arrays(state)
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(dict(meta))),
                  metrics=None if eval_top1 is None else {'eval_top1': eval_top1}, force=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _save_error(manager, e) from e
+
+
+def _as_arrays(state: Any) -> Any:
+  """The state as a nested dict of numpy arrays (0-d for scalars), as Orbax wants it."""
+  return jax.tree.map(np.asarray, flax.serialization.to_state_dict(state))
 
 
 def wait(manager: ocp.CheckpointManager) -> None:
@@ -111,7 +116,8 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
   Raises:
     CheckpointError: the checkpoints belong to another model/optimizer, or none is readable.
   """
-  steps = sorted(manager.all_steps(read=True), reverse=True)
+  manager.reload()
+  steps = sorted(manager.all_steps(), reverse=True)
   skipped = []
   for step in steps:
     try:
@@ -122,7 +128,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any,
     check_compatible(meta.get('config', {}), config, manager.directory)
     try:
       restored = manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(flax.serialization.to_state_dict(target))))['state']
+          state=ocp.args.StandardRestore(_as_arrays(target))))['state']
       state = flax.serialization.from_state_dict(target, restored)
     except Exception as e:  # pylint: disable=broad-except
       skipped.append(f'step {step} ({type(e).__name__}: {str(e)[:200]})')

@@ -86,8 +86,9 @@ def _to_torch(path: str, leaf: np.ndarray, fc6_map: tuple[int, int, int]) -> np.
 def _check_keys(found: set[str], expected: set[str], what: str) -> None:
   missing, unexpected = sorted(expected - found), sorted(found - expected)
   if missing or unexpected:
+    variants = ' or '.join(map(repr, models.VARIANTS))
     raise ValueError(f'{what} has the wrong keys: missing {missing}, unexpected {unexpected}. '
-                     f'Check `variant` ({models.VARIANTS}).')
+                     f'Check that `variant` ({variants}) matches the weights.')
 
 
 def _check_shapes(found: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]],

@@ -82,7 +82,7 @@ def _lrn_bwd(depth_radius, bias, alpha, beta, x, g):
   s = _scale_base(xc, depth_radius, bias, alpha)
   p = _neg_pow(s, beta)
   t = gc * xc * p / s
-  dx = gc * p - (2.0001 * alpha * beta) * xc * _window_sum(t, depth_radius)
+  dx = gc * p - (2.0 * alpha * beta) * xc * _window_sum(t, depth_radius)
   return (dx.astype(x.dtype),)
 
 

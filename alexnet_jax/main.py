@@ -4,7 +4,9 @@ Any config field can be overridden, e.g. `--config.batch_size=256 --config.model
 Running again with the same workdir resumes from its newest checkpoint.
 """
 
+import logging as logging_std
 import os
+import sys
 
 # TensorFlow only feeds data: keep it off the GPUs and quiet. Must precede its first import.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -42,9 +44,33 @@ def _initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
+class _QuietOrbax(logging_std.Filter):
+  """Drops Orbax's per-save INFO chatter (dozens of lines a checkpoint); keeps its warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """Parses the command line; a bad flag, config file or config field is one line, exit 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+    flags.FLAGS.config.keys()  # A config file that failed to load raises on first use: here.
+    return remaining
+  except flags.Error as e:
+    message = str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags reports missing files and unknown fields as OSError/AttributeError.
+    message = f'{type(e).__name__}: {e}'.replace('\n', ' ')
+  sys.stderr.write(f'{argv[0]}: bad command line: {message}\n'
+                   f'Each --config.FIELD must exist in the config file; see configs/*.py.\n')
+  raise SystemExit(2)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
   _initialize_distributed()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
@@ -62,4 +88,4 @@ def main(argv):
 
 if __name__ == '__main__':
   jax.config.config_with_absl()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

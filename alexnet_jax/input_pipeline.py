@@ -1,0 +1,361 @@
+"""tf.data input pipelines: the endless training stream and one pass over the evaluation split.
+
+The training loop calls create_train_iterator / create_eval_iterator and gets numpy batches.
+Nothing here imports JAX (data flows one way), and TensorFlow is kept off the GPUs.
+
+Determinism and resuming: an epoch is num_train_examples // batch_size global batches (the
+remainder is dropped). Epoch e reads the training split in an order seeded by (seed, e) and
+augments the example at position i of the epoch with stateless random ops seeded by
+(seed, e, i). Global step k's batch thus depends on (seed, k) alone, and a run restarted with
+start_step=k yields exactly what an uninterrupted run yields from step k on; the steps before
+are skipped as handles (paths, arrays, undecoded records), never as decoded images. Each
+process keeps its own slice of every global batch.
+
+Undecodable files: each is logged by name and counted in the iterator's `num_skipped`
+(config.on_bad_image='skip'), or raises ValueError naming it ('raise'). A skipped training
+example's slot takes a copy of another example of its batch, so batches stay the same size
+and aligned with steps; a skipped evaluation example gets mask False, so the evaluation covers
+the decodable examples only.
+"""
+
+import dataclasses
+import itertools
+from typing import Callable, Iterator, Optional
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from alexnet_jax import data_sources
+from alexnet_jax import preprocessing
+
+# TensorFlow only feeds data here; it must not take GPU memory from JAX.
+tf.config.set_visible_devices([], 'GPU')
+
+# dataset='fake' has ImageNet's sizes.
+FAKE_NUM_TRAIN_EXAMPLES = 1_281_167
+FAKE_NUM_EVAL_EXAMPLES = 50_000
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What the training loop needs to know about a dataset."""
+  num_classes: int
+  num_train_examples: int
+  num_eval_examples: int
+  class_names: list[str]
+
+
+def get_dataset_info(config) -> DatasetInfo:
+  """Sizes and class names of config.dataset (config.train_split, config.eval_split).
+
+  Raises:
+    ValueError: the data are missing, or config.num_classes differs from the data's.
+  """
+  if config.dataset == 'fake':
+    info = DatasetInfo(config.num_classes, FAKE_NUM_TRAIN_EXAMPLES, FAKE_NUM_EVAL_EXAMPLES,
+                       [str(c) for c in range(config.num_classes)])
+  else:
+    source = data_sources.get_source(config)
+    info = DatasetInfo(len(source.class_names), source.num_examples(config.train_split),
+                       source.num_examples(config.eval_split), list(source.class_names))
+  if info.num_classes != config.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} but {config.dataset} has '
+                     f'{info.num_classes} classes; set --config.num_classes={info.num_classes}.')
+  return info
+
+
+class BatchIterator:
+  """Iterator of numpy batches that logs and counts the examples whose file would not decode.
+
+  Attributes:
+    num_skipped: undecodable examples this iterator met so far (in this process).
+  """
+
+  def __init__(self, batches: Iterator[Batch], on_bad_image: str = 'skip', train: bool = True):
+    self._batches = batches
+    self._on_bad_image = on_bad_image
+    self._train = train
+    self.num_skipped = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> Batch:
+    batch = next(self._batches)
+    if 'ok' not in batch:  # Synthetic data.
+      return batch
+    ok, keys = batch.pop('ok'), batch.pop('key')
+    bad = ~ok & batch['mask'] if 'mask' in batch else ~ok  # Padding does not count.
+    if bad.any():
+      self._skip(batch, ok, [key.decode() for key in keys[bad]])
+    return batch
+
+  def _skip(self, batch: Batch, ok: np.ndarray, names: list[str]):
+    if self._on_bad_image == 'raise':
+      raise ValueError(f'Cannot decode image {names[0]} (corrupt or not an image); fix or '
+                       "remove it, or set config.on_bad_image='skip' to skip such files.")
+    for name in names:
+      logging.warning('Skipping undecodable image %s', name)
+    self.num_skipped += len(names)
+    if not self._train:
+      batch['mask'] = batch['mask'] & ok
+      return
+    good = np.flatnonzero(ok)
+    if not good.size:
+      raise ValueError(f'No image of a training batch decodes (e.g. {names[0]}); is the data '
+                       'corrupt?')
+    bad = np.flatnonzero(~ok)
+    source = good[np.arange(len(bad)) % len(good)]
+    for name in ('image', 'label'):
+      batch[name] = batch[name].copy()  # tf.data's arrays are read-only.
+      batch[name][bad] = batch[name][source]
+
+
+def create_train_iterator(config, start_step: int = 0, process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> BatchIterator:
+  """The endless training stream from global step `start_step` on.
+
+  Args:
+    config: the run's config (see configs/imagenet.py).
+    start_step: the global step of the first batch.
+    process_index: this process (default 0); the trainer passes jax.process_index().
+    process_count: the number of processes (default 1).
+
+  Returns:
+    An iterator of {'image': float32 [b, S, S, 3], 'label': int32 [b]} with
+    b = config.batch_size // process_count and S = config.image_size.
+  """
+  index, count = _process(process_index, process_count)
+  batch_size = _local_batch_size(config.batch_size, count, 'batch_size')
+  if config.dataset == 'fake':
+    return BatchIterator(itertools.repeat(_fake_batch(config, batch_size)))
+  source = data_sources.get_source(config)
+  options = preprocessing_options(config, source.encoded)
+  num_examples = source.num_examples(config.train_split)
+  steps_per_epoch = num_examples // config.batch_size
+  if not steps_per_epoch:
+    raise ValueError(f'The {config.train_split!r} split has {num_examples} examples, fewer '
+                     f'than one batch (config.batch_size={config.batch_size}).')
+  first_epoch, first_step = divmod(start_step, steps_per_epoch)
+
+  def batches():
+    for epoch in itertools.count(first_epoch):
+      skip = first_step * config.batch_size if epoch == first_epoch else 0
+      ds = _train_epoch(config, source, options, epoch, skip, steps_per_epoch, index, count)
+      yield from ds.as_numpy_iterator()
+
+  return BatchIterator(batches(), config.on_bad_image, train=True)
+
+
+def _train_epoch(config, source: data_sources.Source, options: preprocessing.Options,
+                 epoch: int, skip: int, steps: int, index: int, count: int) -> tf.data.Dataset:
+  """One epoch's batches of this process, from global example `skip` of the epoch on."""
+  ds = source.handles(config.train_split, shuffle_seed=(config.seed, epoch))
+  ds = ds.take(steps * config.batch_size).enumerate().skip(skip)
+  ds = _shard(ds, config.batch_size, index, count)
+  epoch_seed = tf.constant([config.seed, epoch], tf.int64)
+
+  def image(position, handle):
+    seed = tf.random.experimental.stateless_fold_in(epoch_seed, position)
+    return preprocessing.train_image(source.load(handle), seed, options)
+
+  size = config.image_size
+  ds = _decode(ds, image, [size, size, 3], config)
+  return _finish(ds.batch(config.batch_size // count, drop_remainder=True), config)
+
+
+def create_eval_iterator(config, crops: Optional[int] = None,
+                         process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> BatchIterator:
+  """One pass over config.eval_split, every example once over all processes.
+
+  Args:
+    config: the run's config (see configs/imagenet.py).
+    crops: 1 (centre crop) or 10 (the paper's, see preprocessing.ten_crops); None means
+      config.eval_crops.
+    process_index: this process (default 0); the trainer passes jax.process_index().
+    process_count: the number of processes (default 1).
+
+  Returns:
+    An iterator of {'image': float32 [b, S, S, 3] ([b, 10, S, S, 3] for 10 crops),
+    'label': int32 [b], 'mask': bool [b]}, b = config.eval_batch_size // process_count. The
+    last global batch is padded (mask False); every process yields the same number of
+    batches, at most config.steps_per_eval when that is positive.
+  """
+  index, count = _process(process_index, process_count)
+  batch_size = _local_batch_size(config.eval_batch_size, count, 'eval_batch_size')
+  crops = config.eval_crops if crops is None else crops
+  if crops not in (1, 10):
+    raise ValueError(f'Evaluation crops must be 1 or 10, not {crops}.')
+  if config.dataset == 'fake':
+    batch = _fake_batch(config, batch_size, crops)
+    num_batches = _num_eval_batches(FAKE_NUM_EVAL_EXAMPLES, config)
+    return BatchIterator(
+        {**batch, 'mask': _positions(k, config.eval_batch_size, index, batch_size)
+                          < FAKE_NUM_EVAL_EXAMPLES} for k in range(num_batches))
+  if config.cache:
+    key = (config.to_json(), crops, index, count)
+    if key not in _EVAL_DATASETS:
+      _EVAL_DATASETS[key] = _eval_dataset(config, crops, index, count)
+    ds = _EVAL_DATASETS[key]
+  else:
+    ds = _eval_dataset(config, crops, index, count)
+  return BatchIterator(ds.as_numpy_iterator(), config.on_bad_image, train=False)
+
+
+# Evaluation datasets kept for config.cache (their decoded images cached by tf.data).
+_EVAL_DATASETS: dict[tuple, tf.data.Dataset] = {}
+
+
+def _eval_dataset(config, crops: int, index: int, count: int) -> tf.data.Dataset:
+  """This process's evaluation batches; the last global batch padded with copies of the first
+  example, masked."""
+  source = data_sources.get_source(config)
+  options = preprocessing_options(config, source.encoded)
+  num_examples = source.num_examples(config.eval_split)
+  if not num_examples:
+    raise ValueError(f'The {config.eval_split!r} split is empty.')
+  padding = source.handles(config.eval_split).take(1).repeat()
+  ds = source.handles(config.eval_split).concatenate(padding)
+  ds = ds.take(_num_eval_batches(num_examples, config) * config.eval_batch_size).enumerate()
+  ds = _shard(ds, config.eval_batch_size, index, count)
+  ds = ds.map(lambda position, handle: (position, {**handle, 'mask': position < num_examples}))
+  size = config.image_size
+  shape = [10, size, size, 3] if crops == 10 else [size, size, 3]
+  ds = _decode(ds, lambda _, handle: preprocessing.eval_image(source.load(handle), options, crops),
+               shape, config)
+  if config.cache:
+    ds = ds.cache()
+  return _finish(ds.batch(config.eval_batch_size // count), config)
+
+
+def _num_eval_batches(num_examples: int, config) -> int:
+  num_batches = -(-num_examples // config.eval_batch_size)
+  if config.steps_per_eval > 0:
+    num_batches = min(num_batches, config.steps_per_eval)
+  return num_batches
+
+
+# ------------------------------------------------------------------------------- shared
+
+
+def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options:
+  """The preprocessing a config asks for (inputs encoded files, or pixels).
+
+  Raises:
+    ValueError: an unknown or inconsistent setting, or a missing mean image.
+  """
+  choices = {'train_crop': ('paper', 'random_resized'),
+             'mean_subtraction': ('channel', 'pixel', 'none'),
+             'on_bad_image': ('skip', 'raise')}
+  for name, allowed in choices.items():
+    if config[name] not in allowed:
+      raise ValueError(f'config.{name}={config[name]!r}; choose one of {allowed}.')
+  if config.image_size > config.resize_size:
+    raise ValueError(f'config.image_size={config.image_size} crops cannot come from a '
+                     f'{config.resize_size} px image (config.resize_size).')
+  if config.seed < 0:
+    raise ValueError(f'config.seed={config.seed} must be non-negative.')
+  return preprocessing.Options(
+      image_size=config.image_size,
+      resize_size=config.resize_size,
+      encoded=encoded,
+      train_crop=config.train_crop,
+      center_crop_train=config.center_crop_train,
+      random_flip=config.random_flip,
+      pca_lighting_std=config.pca_lighting_std,
+      mean=_mean(config))
+
+
+def _mean(config) -> Optional[np.ndarray]:
+  """What mean_subtraction subtracts: [3], [R, R, 3] or None."""
+  if config.mean_subtraction == 'none':
+    return None
+  if config.mean_subtraction == 'channel':
+    return np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32)
+  if config.train_crop != 'paper' or not config.center_crop_train:
+    raise ValueError("mean_subtraction='pixel' subtracts a mean image of the central "
+                     "squares: it needs train_crop='paper' and center_crop_train=True.")
+  path = config.mean_image_path
+  command = (f'python -m alexnet_jax.mean_image --config=<your config> '
+             f'--output={path or "PATH.npy"}')
+  if not path or not tf.io.gfile.exists(path):
+    raise ValueError("mean_subtraction='pixel' needs the training set's mean image at "
+                     f'config.mean_image_path (now {path}); compute it once with\n  {command}')
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    mean = np.load(f)
+  expected = (config.resize_size, config.resize_size, 3)
+  if mean.shape != expected:
+    raise ValueError(f'The mean image {path} has shape {mean.shape}, not {expected} '
+                     f'(config.resize_size); recompute it with\n  {command}')
+  return mean.astype(np.float32)
+
+
+def _process(index: Optional[int], count: Optional[int]) -> tuple[int, int]:
+  index, count = index or 0, count or 1
+  if not 0 <= index < count:
+    raise ValueError(f'process_index={index} is not in [0, process_count={count}).')
+  return index, count
+
+
+def _local_batch_size(global_batch_size: int, count: int, name: str) -> int:
+  if global_batch_size % count:
+    raise ValueError(f'config.{name}={global_batch_size} does not split evenly over {count} '
+                     'processes.')
+  return global_batch_size // count
+
+
+def _positions(step: int, global_batch_size: int, index: int, batch_size: int) -> np.ndarray:
+  """Positions in the split of this process's examples of a global batch."""
+  return step * global_batch_size + index * batch_size + np.arange(batch_size)
+
+
+def _shard(ds: tf.data.Dataset, global_batch_size: int, index: int,
+           count: int) -> tf.data.Dataset:
+  """Keeps this process's slice of every global batch of (position, handle) pairs."""
+  if count == 1:
+    return ds
+  batch_size = global_batch_size // count
+  return ds.filter(lambda position, _: position % global_batch_size // batch_size == index)
+
+
+def _decode(ds: tf.data.Dataset, image_fn: Callable, shape: list[int],
+            config) -> tf.data.Dataset:
+  """Maps (position, handle) to {'image', 'label', 'key', 'ok'} (+ 'mask' if the handle has it).
+
+  tf.data cannot catch an op's error in a map, so each example is decoded in a one-element
+  dataset whose errors are dropped; a zero image with ok=False stands in for a dropped one.
+  Every example keeps its place in the stream, so batches never depend on which files are bad.
+  """
+  def example(position, handle):
+    decoded = tf.data.Dataset.from_tensors((position, handle)).map(
+        lambda p, h: (image_fn(p, h), True)).ignore_errors()
+    failed = tf.data.Dataset.from_tensors((tf.zeros(shape), False))
+    passed = {name: handle[name] for name in ('label', 'key', 'mask') if name in handle}
+    return decoded.concatenate(failed).take(1).map(
+        lambda image, ok: {'image': image, 'ok': ok, **passed})
+
+  parallel = config.num_parallel_calls if config.num_parallel_calls > 0 else tf.data.AUTOTUNE
+  # One element per input, so a deterministic interleave keeps the input order.
+  return ds.interleave(example, cycle_length=parallel, block_length=1,
+                       num_parallel_calls=parallel, deterministic=config.deterministic)
+
+
+def _finish(ds: tf.data.Dataset, config) -> tf.data.Dataset:
+  options = tf.data.Options()
+  options.deterministic = config.deterministic
+  if config.private_threadpool_size > 0:
+    options.threading.private_threadpool_size = config.private_threadpool_size
+  return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+
+
+def _fake_batch(config, batch_size: int, crops: int = 1) -> Batch:
+  """Random pixels on the mean-subtracted 0-255 scale and random labels, fixed by the seed."""
+  rng = np.random.default_rng(config.seed)
+  size = config.image_size
+  shape = [batch_size] + ([10] if crops == 10 else []) + [size, size, 3]
+  return {'image': rng.uniform(-128, 128, shape).astype(np.float32),
+          'label': rng.integers(0, config.num_classes, batch_size, dtype=np.int32)}

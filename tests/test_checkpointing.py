@@ -1,0 +1,127 @@
+"""Checkpoint faults: damaged, half-written, foreign, non-finite, unwritable."""
+
+import logging
+import pathlib
+import subprocess
+import sys
+
+import flax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpointing
+
+CONFIG = {'num_classes': 10, 'model': {'variant': 'paper'}, 'optimizer': 'sgd',
+          'image_size': 64}
+
+
+@flax.struct.dataclass
+class TinyState:
+  step: jnp.ndarray
+  params: dict
+
+
+def _state(step: int, value: float = 1.0) -> TinyState:
+  return TinyState(step=np.int32(step), params={'fc8': {'kernel': np.full((3, 2), value,
+                                                                        np.float32)}})
+
+
+def _save_steps(directory, steps, keep=5):
+  manager = checkpointing.create_manager(directory, keep=keep)
+  for step in steps:
+    checkpointing.save(manager, _state(step, float(step)), {'config': CONFIG})
+  checkpointing.wait(manager)
+  return manager
+
+
+def _restore(directory, config=CONFIG):
+  manager = checkpointing.create_manager(directory, keep=5)
+  return checkpointing.restore_latest(manager, _state(0), config)
+
+
+def test_round_trip_restores_newest(tmp_path):
+  _save_steps(tmp_path, [1, 2])
+  state, meta = _restore(tmp_path)
+  assert int(state.step) == 2
+  np.testing.assert_array_equal(state.params['fc8']['kernel'], np.full((3, 2), 2.0))
+  assert meta['config'] == CONFIG
+
+
+def test_no_checkpoint_gives_none(tmp_path):
+  assert _restore(tmp_path) is None
+
+
+@pytest.mark.parametrize('damage', ['delete', 'truncate'])
+def test_damaged_newest_checkpoint_falls_back_with_warning(tmp_path, caplog, damage):
+  _save_steps(tmp_path, [1, 2])
+  files = [p for p in (tmp_path / '2' / 'state').rglob('*') if p.is_file()]
+  assert files
+  for p in files:
+    if damage == 'delete':
+      p.unlink()
+    else:
+      p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3])
+  with caplog.at_level(logging.WARNING):
+    state, _ = _restore(tmp_path)
+  assert int(state.step) == 1
+  assert 'Skipped damaged checkpoint step 2' in caplog.text
+
+
+def test_half_written_checkpoint_is_never_listed(tmp_path):
+  _save_steps(tmp_path, [1])
+  # What a process killed mid-save leaves: Orbax's temporary directory, never renamed.
+  (tmp_path / '2.orbax-checkpoint-tmp-1234' / 'state').mkdir(parents=True)
+  state, _ = _restore(tmp_path)
+  assert int(state.step) == 1
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(tmp_path):
+  _save_steps(tmp_path, [1])
+  other = dict(CONFIG, model={'variant': 'torchvision'}, num_classes=1000)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"model.variant: checkpoint 'paper', this run 'torchvision'") as e:
+    _restore(tmp_path, other)
+  assert 'num_classes: checkpoint 10, this run 1000' in str(e.value)
+
+
+def test_nonfinite_params_are_never_saved_and_previous_stays(tmp_path):
+  manager = _save_steps(tmp_path, [1])
+  with pytest.raises(checkpointing.CheckpointError, match='not finite.*Last good checkpoint: 1'):
+    checkpointing.save(manager, _state(2, float('nan')), {'config': CONFIG})
+  checkpointing.wait(manager)
+  assert int(_restore(tmp_path)[0].step) == 1
+
+
+_FULL_DISK_SCRIPT = """
+import resource, signal, sys
+import numpy as np
+sys.path.insert(0, {test_dir!r})
+from test_checkpointing import _state, CONFIG, TinyState
+from alexnet_jax import checkpointing
+manager = checkpointing.create_manager({directory!r}, keep=5, async_save=False)
+# A disk that is full from here on: no file may grow past 4 KiB (also binds root).
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+big = TinyState(step=np.int32(2), params={{'fc8': {{'kernel': np.ones((3, 2), np.float32)}},
+                                           'fc7': {{'kernel': np.random.rand(512, 512).astype(np.float32)}}}})
+try:
+  checkpointing.save(manager, big, {{'config': CONFIG}})
+  checkpointing.wait(manager)
+except checkpointing.CheckpointError as e:
+  print('CLEAR:', e)
+  sys.exit(3)
+"""
+
+
+def test_full_disk_while_saving_is_a_clear_error_and_previous_stays(tmp_path):
+  _save_steps(tmp_path, [1])
+  script = _FULL_DISK_SCRIPT.format(test_dir=str(pathlib.Path(__file__).parent),
+                                    directory=str(tmp_path))
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=120, cwd=pathlib.Path(__file__).parents[1], check=False)
+  assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+  assert 'Check free disk space and write permission' in result.stdout
+  assert 'latest: step 1' in result.stdout
+  state, _ = _restore(tmp_path)
+  assert int(state.step) == 1

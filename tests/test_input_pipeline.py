@@ -1,0 +1,270 @@
+"""The tf.data pipelines on real images: image folders, digits, fake data and the contract
+the training loop relies on (shapes, sharding, determinism, resuming, bad files)."""
+
+import logging
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from alexnet_jax import input_pipeline
+from alexnet_jax import preprocessing
+from configs import default
+from configs import imagenet
+
+MEAN = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32)
+NUM_TRAIN = (5, 5, 5)  # Images per class of the folder fixture.
+NUM_VAL = (4, 4, 3)
+
+
+def _link_images(source_dir, target_dir, num):
+  target_dir.mkdir(parents=True)
+  for path in sorted(source_dir.iterdir())[:num]:
+    (target_dir / path.name).symlink_to(path)
+
+
+@pytest.fixture(scope='module')
+def image_folder(tmp_path_factory, imagenette_dir):
+  """Three imagenette classes, 5 train and 4/4/3 val images each (symlinks)."""
+  root = tmp_path_factory.mktemp('image_folder')
+  classes = sorted(path.name for path in (imagenette_dir / 'train').iterdir())[:3]
+  for split, counts in (('train', NUM_TRAIN), ('val', NUM_VAL)):
+    for name, num in zip(classes, counts):
+      _link_images(imagenette_dir / split / name, root / split / name, num)
+  return root
+
+
+def _folder_config(root, **overrides):
+  config = imagenet.get_config()
+  config.dataset = 'folder'
+  config.data_dir = str(root)
+  config.eval_split = 'val'
+  config.num_classes = 3
+  config.image_size = 32
+  config.resize_size = 40
+  config.batch_size = 5
+  config.eval_batch_size = 4
+  config.update(overrides)
+  return config
+
+
+def _take(iterator, num):
+  return [next(iterator) for _ in range(num)]
+
+
+def _pil_eval_image(path, resize_size, image_size):
+  image = Image.open(path).convert('RGB')
+  width, height = image.size
+  side = min(width, height)
+  x, y = (width - side) // 2, (height - side) // 2
+  canvas = image.crop((x, y, x + side, y + side)).resize((resize_size, resize_size),
+                                                         Image.BILINEAR)
+  offset = (resize_size - image_size) // 2
+  return np.asarray(canvas, np.float32)[offset:offset + image_size, offset:offset + image_size]
+
+
+def test_folder_info_labels_and_values(image_folder):
+  config = _folder_config(image_folder)
+  info = input_pipeline.get_dataset_info(config)
+  classes = sorted(path.name for path in (image_folder / 'train').iterdir())
+  assert info == input_pipeline.DatasetInfo(3, 15, 11, classes)
+
+  batches = list(input_pipeline.create_eval_iterator(config))
+  assert len(batches) == 3  # ceil(11 / 4).
+  for batch in batches:
+    assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].dtype == np.int32 and batch['mask'].dtype == bool
+  mask = np.concatenate([b['mask'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  np.testing.assert_array_equal(labels, np.repeat([0, 1, 2], NUM_VAL))  # Sorted folders.
+  assert mask.sum() == 11 and not mask[11:].any()
+
+  # The first val image, independently with PIL (antialiased bilinear 224 -> 40).
+  first = sorted((image_folder / 'val' / classes[0]).iterdir())[0]
+  expected = _pil_eval_image(first, 40, 32) - MEAN
+  assert np.abs(batches[0]['image'][0] - expected).mean() < 0.5
+
+
+@pytest.mark.parametrize('process_count', [1, 2])
+def test_eval_sees_every_example_once(image_folder, process_count):
+  config = _folder_config(image_folder)
+  reference = list(input_pipeline.create_eval_iterator(config))
+  expected = sorted(image.tobytes() for b in reference for image in b['image'][b['mask']])
+  seen, num_batches = [], []
+  for index in range(process_count):
+    batches = list(input_pipeline.create_eval_iterator(config, process_index=index,
+                                                       process_count=process_count))
+    num_batches.append(len(batches))
+    assert all(b['image'].shape[0] == 4 // process_count for b in batches)
+    seen += [image.tobytes() for b in batches for image in b['image'][b['mask']]]
+  assert num_batches == [3] * process_count
+  assert sorted(seen) == expected and len(set(seen)) == 11
+
+
+def test_eval_ten_crops_and_steps_limit(image_folder):
+  config = _folder_config(image_folder, eval_crops=10, steps_per_eval=2)
+  batches = list(input_pipeline.create_eval_iterator(config))
+  assert len(batches) == 2 and batches[0]['image'].shape == (4, 10, 32, 32, 3)
+  centre = list(input_pipeline.create_eval_iterator(config, crops=1))[0]['image']
+  np.testing.assert_array_equal(batches[0]['image'][:, 4], centre)
+
+
+def test_train_is_deterministic_and_resumes_exactly(image_folder):
+  config = _folder_config(image_folder)  # 3 steps per epoch of 5.
+  stream = _take(input_pipeline.create_train_iterator(config), 8)
+  for batch in stream:
+    assert batch['image'].shape == (5, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['label'].shape == (5,) and batch['label'].dtype == np.int32
+  for epoch in range(2):  # Every example once per epoch.
+    labels = np.concatenate([b['label'] for b in stream[3 * epoch:3 * epoch + 3]])
+    np.testing.assert_array_equal(np.bincount(labels), NUM_TRAIN)
+  epoch_labels = [np.concatenate([b['label'] for b in stream[i:i + 3]]) for i in (0, 3)]
+  assert not np.array_equal(*epoch_labels)  # Each epoch its own order.
+
+  again = _take(input_pipeline.create_train_iterator(config), 8)
+  resumed = _take(input_pipeline.create_train_iterator(config, start_step=4), 4)
+  for expected, batch in zip(stream + stream[4:], again + resumed):
+    np.testing.assert_array_equal(batch['image'], expected['image'])
+    np.testing.assert_array_equal(batch['label'], expected['label'])
+
+  other_seed = next(input_pipeline.create_train_iterator(_folder_config(image_folder, seed=1)))
+  assert not np.array_equal(other_seed['image'], stream[0]['image'])
+
+
+def test_train_processes_split_each_global_batch(image_folder):
+  config = _folder_config(image_folder, batch_size=6)  # 2 steps per epoch.
+  stream = _take(input_pipeline.create_train_iterator(config, start_step=1), 3)
+  parts = [_take(input_pipeline.create_train_iterator(config, start_step=1, process_index=i,
+                                                      process_count=2), 3) for i in range(2)]
+  for step, batch in enumerate(stream):
+    for name in ('image', 'label'):
+      np.testing.assert_array_equal(
+          np.concatenate([parts[0][step][name], parts[1][step][name]]), batch[name])
+
+
+@pytest.fixture(scope='module')
+def folder_with_bad_files(tmp_path_factory, imagenet_samples_dir, imagenette_dir):
+  """Two classes of 3 good images plus a truncated JPEG (class a) and a text file named
+  .JPEG (class b), in both splits."""
+  root = tmp_path_factory.mktemp('bad_files')
+  photo = (imagenet_samples_dir / 'n01534433_junco.JPEG').read_bytes()  # Landscape.
+  classes = sorted(path.name for path in (imagenette_dir / 'train').iterdir())[:2]
+  for split in ('train', 'val'):
+    for name in classes:
+      _link_images(imagenette_dir / 'train' / name, root / split / name, 3)
+    (root / split / classes[0] / 'truncated.JPEG').write_bytes(photo[:len(photo) // 2])
+    (root / split / classes[1] / 'not_an_image.JPEG').write_text('hello')
+  return root
+
+
+def test_bad_images_are_skipped_counted_and_named(folder_with_bad_files, caplog):
+  config = _folder_config(folder_with_bad_files, num_classes=2, batch_size=4,
+                          random_flip=False, pca_lighting_std=0.0)
+  caplog.set_level(logging.WARNING)
+  train = input_pipeline.create_train_iterator(config)
+  batches = _take(train, 2)  # One epoch: all 8 files.
+  assert train.num_skipped == 2
+  assert 'truncated.JPEG' in caplog.text and 'not_an_image.JPEG' in caplog.text
+  images = np.concatenate([b['image'] for b in batches])
+  assert images.shape == (8, 32, 32, 3) and np.all(images.reshape(8, -1).std(axis=1) > 1)
+  # The two stand-ins are copies of decoded examples of their batches.
+  assert len({image.tobytes() for image in images}) == 6
+
+  evaluation = input_pipeline.create_eval_iterator(config)
+  batches = list(evaluation)
+  assert evaluation.num_skipped == 2
+  assert sum(b['mask'].sum() for b in batches) == 6
+
+  with pytest.raises(ValueError, match='truncated.JPEG|not_an_image.JPEG'):
+    list(input_pipeline.create_eval_iterator(_folder_config(
+        folder_with_bad_files, num_classes=2, on_bad_image='raise')))
+
+
+def test_digits():
+  config = default.get_config()
+  info = input_pipeline.get_dataset_info(config)
+  assert (info.num_train_examples, info.num_eval_examples) == (1437, 360)
+  assert info.class_names == [str(c) for c in range(10)]
+
+  batches = list(input_pipeline.create_eval_iterator(config))
+  mask = np.concatenate([b['mask'] for b in batches])
+  labels = np.concatenate([b['label'] for b in batches])[mask]
+  assert len(batches) == 3 and mask.sum() == 360
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  # Stratified: each class gives a fifth of its examples to the test split.
+  assert np.all(np.abs(np.bincount(labels) - np.bincount(digits.target) * 0.2) <= 1)
+
+  # The first test image, independently: 0..16 -> 0..255, bilinear 8 -> 72, centre 64.
+  first = np.sort(_digit_test_indices(digits))[0]
+  grey = Image.fromarray(digits.images[first].astype(np.float32) * 255 / 16, mode='F')
+  canvas = np.asarray(grey.resize((72, 72), Image.BILINEAR))[4:68, 4:68]
+  expected = canvas[..., None] - MEAN
+  assert batches[0]['image'].shape == (128, 64, 64, 3)
+  np.testing.assert_allclose(batches[0]['image'][0], expected, atol=0.05)
+  assert batches[0]['label'][0] == digits.target[first]
+
+  batch = next(input_pipeline.create_train_iterator(config))
+  assert batch['image'].shape == (64, 64, 64, 3) and batch['label'].shape == (64,)
+
+
+def _digit_test_indices(digits):
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  return model_selection.train_test_split(np.arange(len(digits.target)), test_size=0.2,
+                                          stratify=digits.target, random_state=0)[1]
+
+
+def test_fake_data():
+  config = imagenet.get_config()
+  config.dataset = 'fake'
+  config.image_size = 4
+  config.batch_size = 8
+  config.eval_batch_size = 20_000
+  assert input_pipeline.get_dataset_info(config).num_train_examples == 1_281_167
+  batch = next(input_pipeline.create_train_iterator(config, process_count=2))
+  assert batch['image'].shape == (4, 4, 4, 3) and batch['label'].dtype == np.int32
+  batches = list(input_pipeline.create_eval_iterator(config, crops=10, process_index=1,
+                                                     process_count=2))
+  assert len(batches) == 3 and batches[0]['image'].shape == (10_000, 10, 4, 4, 3)
+  # Of global batch 2 (examples 40,000-59,999) process 1 holds the second half: padding.
+  assert [b['mask'].sum() for b in batches] == [10_000, 10_000, 0]
+
+
+def test_mean_image_and_pixel_subtraction(image_folder, tmp_path):
+  from alexnet_jax import mean_image  # pylint: disable=g-import-not-at-top
+  config = _folder_config(image_folder, mean_subtraction='pixel')
+  mean = mean_image.compute_mean_image(config)
+  train_dir = image_folder / 'train'
+  canvases = [_pil_eval_image(path, 40, 40) for path in sorted(train_dir.glob('*/*'))]
+  assert mean.shape == (40, 40, 3) and mean.dtype == np.float32
+  assert np.abs(mean - np.mean(canvases, axis=0)).max() < 0.5
+
+  with pytest.raises(ValueError, match='alexnet_jax.mean_image'):
+    input_pipeline.create_eval_iterator(config)
+  config.mean_image_path = str(tmp_path / 'mean.npy')
+  np.save(config.mean_image_path, mean)
+  centred = next(input_pipeline.create_eval_iterator(config))['image']
+  plain = next(input_pipeline.create_eval_iterator(
+      _folder_config(image_folder, mean_subtraction='none')))['image']
+  np.testing.assert_allclose(centred, plain - mean[4:36, 4:36], atol=1e-4)
+
+  np.save(config.mean_image_path, mean[:32])
+  with pytest.raises(ValueError, match=r'shape \(32, 40, 3\)'):
+    input_pipeline.create_eval_iterator(config)
+  config.train_crop = 'random_resized'
+  with pytest.raises(ValueError, match="train_crop='paper'"):
+    input_pipeline.create_train_iterator(config)
+
+
+def test_clear_errors(image_folder, tmp_path):
+  with pytest.raises(ValueError, match='num_classes=3'):
+    input_pipeline.get_dataset_info(_folder_config(image_folder, num_classes=1000))
+  with pytest.raises(ValueError, match='train_crop'):
+    input_pipeline.create_train_iterator(_folder_config(image_folder, train_crop='inception'))
+  with pytest.raises(ValueError, match='split evenly over 3 processes'):
+    input_pipeline.create_train_iterator(_folder_config(image_folder), process_count=3)
+  with pytest.raises(ValueError, match=str(tmp_path / 'nowhere' / 'train')):
+    input_pipeline.get_dataset_info(_folder_config(tmp_path / 'nowhere'))
+  (tmp_path / 'empty' / 'train' / 'some_class').mkdir(parents=True)
+  with pytest.raises(ValueError, match=str(tmp_path / 'empty' / 'train' / 'some_class')):
+    input_pipeline.get_dataset_info(_folder_config(tmp_path / 'empty'))

@@ -1,0 +1,151 @@
+"""`python -m alexnet_jax.main` end to end: runs, resumes bit-exactly, refuses bad input.
+
+Every run is a real subprocess on a tiny digits config. They share a JAX compilation cache,
+so only the first one pays for compiling the steps.
+"""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Small enough to run in seconds, big enough to cross an epoch boundary (1437 // 48 = 29 steps)
+# and to exercise dropout, checkpoints every 4 steps and an eval.
+TINY = ['--config=configs/default.py', '--config.batch_size=48', '--config.eval_batch_size=96',
+        '--config.image_size=63', '--config.resize_size=66', '--config.steps_per_eval=1',
+        '--config.log_every_steps=4', '--config.checkpoint_every_steps=4',
+        '--config.eval_every_epochs=100', '--config.num_devices=2']
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp('jax_cache')
+  return {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+
+
+def run_main(workdir, *flags, env, timeout=600):
+  return subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}', *TINY, *flags],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def final_params(workdir) -> dict[str, np.ndarray]:
+  """The params of the newest checkpoint, as flat numpy arrays keyed by path."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  with ocp.StandardCheckpointer() as checkpointer:
+    tree = checkpointer.restore(directory / str(step) / 'state')
+  flat = {}
+  def walk(node, prefix):
+    if isinstance(node, dict):
+      for k, v in node.items():
+        walk(v, f'{prefix}/{k}')
+    else:
+      flat[prefix] = np.asarray(node)
+  walk(tree, '')
+  return flat
+
+
+def assert_bit_equal(a, b):
+  assert a.keys() == b.keys()
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory, env):
+  """A 12-step run that nothing interrupts: the reference for the resume tests."""
+  workdir = tmp_path_factory.mktemp('uninterrupted')
+  result = run_main(workdir, '--config.num_train_steps=12', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_main_runs_and_leaves_its_outputs(uninterrupted):
+  names = {p.name for p in uninterrupted.iterdir()}
+  assert {'checkpoints', 'tensorboard', 'curves.png', 'metrics.jsonl', 'config.json',
+          'model_summary.txt', 'final_metrics.json'} <= names
+  assert list((uninterrupted / 'tensorboard').iterdir())
+
+
+def test_second_run_resumes_at_saved_step(tmp_path, env):
+  first = run_main(tmp_path, '--config.num_train_steps=4', env=env)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = run_main(tmp_path, '--config.num_train_steps=8', env=env)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 4' in second.stderr
+  assert '[8] train' in second.stderr and '[4] train' not in second.stderr
+
+
+def _start(workdir, env, *flags):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}', *TINY,
+       '--config.num_train_steps=12', *flags], cwd=REPO, env=env,
+      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(predicate, process, timeout=300):
+  deadline = time.time() + timeout
+  while not predicate():
+    assert process.poll() is None, 'the run ended before it could be interrupted'
+    assert time.time() < deadline, 'timed out waiting for the run'
+    time.sleep(0.05)
+
+
+def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path, env, uninterrupted):
+  process = _start(tmp_path, env)
+  _wait_for(lambda: (tmp_path / 'checkpoints' / '4').exists(), process)
+  process.kill()
+  process.wait()
+  rerun = run_main(tmp_path, '--config.num_train_steps=12', env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step' in rerun.stderr
+  assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
+
+
+def test_sigterm_saves_exits_143_and_resume_is_bit_identical(tmp_path, env, uninterrupted):
+  process = _start(tmp_path, env)
+  _wait_for(lambda: (tmp_path / 'metrics.jsonl').exists(), process)  # Training has begun.
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 143, output[-3000:]
+  assert 'Preempted: checkpoint of step' in output
+  rerun = run_main(tmp_path, '--config.num_train_steps=12', env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--config.dataset=imagenet20'], 'imagenet20'),
+    (['--config.learning_rate=-0.1'], 'config.learning_rate=-0.1 must be positive'),
+    (['--config.batch_size=47'], 'config.batch_size=47 must be a positive multiple of the '
+                                 'number of devices'),
+    (['--config.image_size=32', '--config.resize_size=40'], 'the minimum is 63'),
+    (['--config.dataset=folder', '--config.data_dir=/nonexistent/images'], '/nonexistent/images'),
+    (['--config.no_such_field=1'], 'no_such_field'),
+    (['--config=configs/no_such_config.py'], 'no_such_config.py'),
+])
+def test_bad_input_is_one_clear_error_and_nonzero_exit(tmp_path, env, flags, message):
+  result = run_main(tmp_path / 'run', *flags, env=env, timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, env):
+  first = run_main(tmp_path, '--config.num_train_steps=1', env=env)
+  assert first.returncode == 0, first.stderr[-3000:]
+  second = run_main(tmp_path, '--config.num_train_steps=2', '--config.learning_rate=0.5',
+                    env=env)
+  assert second.returncode == 1
+  assert 'learning_rate: workdir 0.01, now 0.5' in second.stderr
+  assert 'allow_config_change' in second.stderr

@@ -1,0 +1,197 @@
+"""Per-example preprocessing against PIL and NumPy, on real ImageNet photos."""
+
+import io
+
+import numpy as np
+from PIL import Image
+import pytest
+
+from alexnet_jax import input_pipeline  # pylint: disable=unused-import  (keeps TF off GPUs)
+from alexnet_jax import preprocessing
+import tensorflow as tf  # pylint: disable=g-bad-import-order
+
+PHOTOS = ('n01443537_goldfish.JPEG',  # 376x263
+          'n01534433_junco.JPEG',  # 500x375
+          'n03692522_loupe.JPEG')  # grey, 334x500
+GREY_PHOTO = 'n02823750_beer_glass.JPEG'
+
+
+def _options(**kwargs) -> preprocessing.Options:
+  defaults = dict(image_size=224, resize_size=256, random_flip=False, pca_lighting_std=0.0)
+  return preprocessing.Options(**{**defaults, **kwargs})
+
+
+def _pil_canvas(image: Image.Image, size: int = 256) -> np.ndarray:
+  """The paper's canvas with PIL: central square, bilinear (antialiased) to size x size."""
+  width, height = image.size
+  side = min(width, height)
+  x, y = (width - side) // 2, (height - side) // 2
+  square = image.convert('RGB').crop((x, y, x + side, y + side))
+  return np.asarray(square.resize((size, size), Image.BILINEAR), np.float32)
+
+
+def _encode(image: Image.Image, fmt: str) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, fmt, quality=95) if fmt == 'JPEG' else image.save(buffer, fmt)
+  return buffer.getvalue()
+
+
+@pytest.fixture(scope='module')
+def photos(imagenet_samples_dir):
+  return {name: (imagenet_samples_dir / name).read_bytes() for name in PHOTOS + (GREY_PHOTO,)}
+
+
+@pytest.mark.parametrize('name', PHOTOS)
+def test_canvas_matches_pil(photos, name):
+  canvas = preprocessing.canvas(tf.constant(photos[name]), _options()).numpy()
+  expected = _pil_canvas(Image.open(io.BytesIO(photos[name])))
+  assert canvas.shape == (256, 256, 3) and canvas.dtype == np.float32
+  # PIL rounds to uint8; TF's antialiased bilinear is the same filter.
+  assert np.abs(canvas - expected).mean() < 0.5
+  assert np.abs(canvas - expected).max() < 3
+
+
+def test_shorter_side_resize_matches_pil(photos):
+  name = PHOTOS[1]
+  canvas = preprocessing.canvas(tf.constant(photos[name]), _options(), square=False).numpy()
+  image = Image.open(io.BytesIO(photos[name]))
+  width, height = image.size
+  expected = np.asarray(image.resize((width * 256 // height, 256), Image.BILINEAR), np.float32)
+  assert canvas.shape == expected.shape == (256, 341, 3)
+  assert np.abs(canvas - expected).mean() < 0.5
+
+
+def test_decodes_grey_cmyk_and_png_named_jpeg(photos):
+  grey = Image.open(io.BytesIO(photos[GREY_PHOTO]))
+  assert grey.mode == 'L'
+  decoded = preprocessing.decode_and_crop(tf.constant(photos[GREY_PHOTO]),
+                                          preprocessing.whole_image).numpy()
+  np.testing.assert_array_equal(decoded, np.repeat(np.asarray(grey)[..., None], 3, axis=-1))
+
+  rgb = Image.open(io.BytesIO(photos[PHOTOS[0]])).convert('RGB')
+  cmyk = _encode(rgb.convert('CMYK'), 'JPEG')
+  decoded = preprocessing.decode_and_crop(tf.constant(cmyk), preprocessing.central_square)
+  expected = np.asarray(Image.open(io.BytesIO(cmyk)).convert('RGB'))
+  side = min(expected.shape[:2])
+  y, x = (expected.shape[0] - side) // 2, (expected.shape[1] - side) // 2
+  np.testing.assert_array_equal(decoded.numpy(), expected[y:y + side, x:x + side])
+
+  png = _encode(rgb, 'PNG')  # ImageNet has PNG files named .JPEG.
+  assert not tf.io.is_jpeg(png)
+  decoded = preprocessing.decode_and_crop(tf.constant(png), preprocessing.whole_image)
+  np.testing.assert_array_equal(decoded.numpy(), np.asarray(rgb))
+
+
+def test_truncated_jpeg_fails_to_decode(photos):
+  truncated = photos[PHOTOS[1]][:len(photos[PHOTOS[1]]) // 2]
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    preprocessing.canvas(tf.constant(truncated), _options())
+
+
+def _train_images(data: bytes, options: preprocessing.Options, num: int) -> np.ndarray:
+  """train_image for seeds (0, 0) ... (0, num - 1): [num, S, S, 3]."""
+  seeds = tf.data.Dataset.range(num).map(lambda i: tf.stack([tf.constant(0, tf.int64), i]))
+  images = seeds.map(lambda seed: preprocessing.train_image(tf.constant(data), seed, options))
+  return np.stack(list(images.as_numpy_iterator()))
+
+
+def _find_offset(crop: np.ndarray, canvas: np.ndarray) -> tuple[int, int]:
+  """The (y, x) where crop sits in canvas, exactly; raises if nowhere."""
+  size = crop.shape[0]
+  for y in range(canvas.shape[0] - size + 1):
+    for x in range(canvas.shape[1] - size + 1):
+      if np.array_equal(canvas[y:y + size, x:x + size], crop):
+        return y, x
+  raise AssertionError('the crop is not a window of the canvas')
+
+
+def test_paper_crops_are_windows_of_the_canvas(photos):
+  options = _options(mean=np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32))
+  data = photos[PHOTOS[0]]
+  canvas = preprocessing.canvas(tf.constant(data), options).numpy()
+  crops = _train_images(data, options, 12)
+  assert crops.shape == (12, 224, 224, 3) and crops.dtype == np.float32
+  offsets = [_find_offset(crop, canvas) for crop in crops]
+  assert all(0 <= y <= 32 and 0 <= x <= 32 for y, x in offsets)
+  assert len(set(offsets)) >= 10  # Uniform over 33 x 33 offsets.
+  np.testing.assert_array_equal(crops, _train_images(data, options, 12))  # Seeded.
+
+
+def test_flips_half_the_time():
+  pixels = np.random.default_rng(0).uniform(0, 255, (8, 8, 3)).astype(np.float32)
+  options = _options(image_size=8, resize_size=8, encoded=False, random_flip=True)
+  images = _train_images(pixels, options, 400)
+  flipped = [np.array_equal(image, pixels[:, ::-1]) for image in images]
+  assert all(f or np.array_equal(image, pixels) for f, image in zip(flipped, images))
+  assert 0.4 < np.mean(flipped) < 0.6  # 5 standard deviations of a fair coin.
+
+
+def test_pca_lighting_formula_and_statistics():
+  eigval = np.array(preprocessing.PCA_EIGVAL) * 255
+  eigvec = np.array(preprocessing.PCA_EIGVEC)
+  seed = tf.constant([3, 4], tf.int64)
+  alpha = tf.random.stateless_normal([3], seed, stddev=0.1).numpy()
+  np.testing.assert_allclose(preprocessing.pca_lighting(seed, 0.1).numpy(),
+                             eigvec @ (alpha * eigval), rtol=1e-5, atol=1e-4)
+
+  num = 4000
+  shifts = tf.data.Dataset.range(num).map(
+      lambda i: preprocessing.pca_lighting(tf.stack([tf.constant(7, tf.int64), i]), 0.1))
+  shifts = np.stack(list(shifts.as_numpy_iterator()))
+  coefficients = shifts @ eigvec  # Along the eigenvectors: alpha * eigval.
+  std = 0.1 * eigval
+  assert np.all(np.abs(coefficients.mean(axis=0)) < 4 * std / np.sqrt(num))
+  np.testing.assert_allclose(coefficients.std(axis=0), std, rtol=0.05)
+
+
+def test_lighting_shifts_every_pixel_alike(photos):
+  data = photos[PHOTOS[1]]
+  plain = _train_images(data, _options(), 2)
+  lit = _train_images(data, _options(pca_lighting_std=0.1), 2)
+  shift = (lit - plain).reshape(2, -1, 3)
+  np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-3)
+  assert np.all(np.abs(shift[:, 0]) > 1e-3)
+
+
+def test_random_resized_windows():
+  shape = tf.constant([375, 500])
+  windows = tf.data.Dataset.range(500).map(lambda i: preprocessing.random_resized_window(
+      shape, tf.stack([tf.constant(0, tf.int64), i])))
+  y, x, height, width = np.stack(list(windows.as_numpy_iterator())).T
+  assert np.all((y >= 0) & (x >= 0) & (y + height <= 375) & (x + width <= 500))
+  area = height * width / (375 * 500)
+  assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+  ratio = width / height
+  assert np.all((ratio > 3 / 4 * 0.95) & (ratio < 4 / 3 * 1.05))
+  assert np.ptp(area) > 0.5  # They do vary.
+
+
+def test_random_resized_train_image(photos):
+  options = _options(train_crop='random_resized', random_flip=True, pca_lighting_std=0.1)
+  images = _train_images(photos[PHOTOS[1]], options, 3)
+  assert images.shape == (3, 224, 224, 3)
+  assert not np.array_equal(images[0], images[1])
+  assert -40 < images.min() and images.max() < 255 + 40  # 0-255 plus a lighting shift.
+
+
+def test_ten_crops_are_corners_centre_and_mirrors(photos):
+  data = photos[PHOTOS[2]]
+  options = _options()
+  crops = preprocessing.eval_image(tf.constant(data), options, crops=10).numpy()
+  canvas = _pil_canvas(Image.open(io.BytesIO(data)))
+  views = [canvas[:224, :224], canvas[:224, 32:], canvas[32:, :224], canvas[32:, 32:],
+           canvas[16:240, 16:240]]
+  views += [view[:, ::-1] for view in views]
+  assert crops.shape == (10, 224, 224, 3)
+  for crop, view in zip(crops, views):
+    assert np.abs(crop - view).mean() < 0.5
+  centre = preprocessing.eval_image(tf.constant(data), options).numpy()
+  np.testing.assert_array_equal(centre, crops[4])
+
+
+def test_channel_mean_subtraction(photos):
+  data = tf.constant(photos[PHOTOS[0]])
+  mean = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32)
+  plain = preprocessing.eval_image(data, _options()).numpy()
+  centred = preprocessing.eval_image(data, _options(mean=mean)).numpy()
+  np.testing.assert_allclose(centred, plain - mean, atol=1e-4)

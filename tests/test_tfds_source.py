@@ -1,0 +1,115 @@
+"""The TFDS path, without the real ImageNet: TFDS's own imagenet2012 builder prepares a tiny
+manual download made of real photos, and the missing-download errors say what to do."""
+
+import importlib.resources
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from alexnet_jax import input_pipeline
+from configs import imagenet
+
+WNIDS = ('n01443537', 'n01534433', 'n01558993')  # goldfish, junco, robin.
+NUM_VAL = 4
+
+
+def _tiny_imagenet_manual_dir(manual_dir, photos_dir):
+  """ILSVRC2012_img_{train,val}.tar as image-net.org ships them: a tar of per-class tars
+  (2 images each) and a tar of ILSVRC2012_val_<n>.JPEG (labels from TFDS's bundled list)."""
+  manual_dir.mkdir()
+  with tarfile.open(manual_dir / 'ILSVRC2012_img_train.tar', 'w') as train:
+    for wnid in WNIDS:
+      photo = next(photos_dir.glob(f'{wnid}_*.JPEG'))
+      class_tar = manual_dir / f'{wnid}.tar'
+      with tarfile.open(class_tar, 'w') as images:
+        for i in range(2):
+          images.add(photo, arcname=f'{wnid}_{i}.JPEG')
+      train.add(class_tar, arcname=class_tar.name)
+      class_tar.unlink()
+  with tarfile.open(manual_dir / 'ILSVRC2012_img_val.tar', 'w') as val:
+    for i, photo in enumerate(sorted(photos_dir.glob('*.JPEG'))[:NUM_VAL]):
+      val.add(photo, arcname=f'ILSVRC2012_val_{i + 1:08d}.JPEG')
+
+
+def _config(data_dir, manual_dir=None):
+  config = imagenet.get_config()  # dataset='imagenet2012', eval_split='validation'.
+  config.data_dir = str(data_dir)
+  config.manual_dir = manual_dir and str(manual_dir)
+  config.image_size = 32
+  config.resize_size = 40
+  config.batch_size = 2
+  config.eval_batch_size = 3
+  return config
+
+
+@pytest.fixture(scope='module')
+def imagenet_data_dir(tmp_path_factory, imagenet_samples_dir):
+  """A TFDS data dir where our pipeline prepared the tiny imagenet2012 (about 7 s)."""
+  root = tmp_path_factory.mktemp('tfds')
+  _tiny_imagenet_manual_dir(root / 'manual', imagenet_samples_dir)
+  with pytest.MonkeyPatch.context() as patch:
+    try:
+      import importlib_resources  # pylint: disable=g-import-not-at-top,unused-import
+    except ImportError:
+      # TFDS 4.9.10 needs it to build but declares it for Python < 3.9 only
+      # (tensorflow/datasets#11212); the standard library has the same class.
+      patch.setitem(sys.modules, 'importlib_resources', importlib.resources)
+    input_pipeline.get_dataset_info(_config(root, root / 'manual'))  # Prepares it.
+  return root
+
+
+def test_prepared_imagenet2012(imagenet_data_dir):
+  config = _config(imagenet_data_dir)
+  info = input_pipeline.get_dataset_info(config)
+  assert (info.num_classes, info.num_train_examples, info.num_eval_examples) == (1000, 6, 4)
+  assert [info.class_names.index(wnid) for wnid in WNIDS] == [1, 13, 15]
+
+  train = input_pipeline.create_train_iterator(config)
+  batches = [next(train) for _ in range(6)]  # Two epochs.
+  for batch in batches:
+    assert batch['image'].shape == (2, 32, 32, 3) and batch['image'].dtype == np.float32
+  for epoch in (batches[:3], batches[3:]):
+    labels = np.sort(np.concatenate([b['label'] for b in epoch]))
+    np.testing.assert_array_equal(labels, [1, 1, 13, 13, 15, 15])
+  resumed = next(input_pipeline.create_train_iterator(config, start_step=4))
+  np.testing.assert_array_equal(resumed['image'], batches[4]['image'])
+
+  batches = list(input_pipeline.create_eval_iterator(config))
+  assert len(batches) == 2 and sum(b['mask'].sum() for b in batches) == NUM_VAL
+  labels = np.concatenate([b['label'][b['mask']] for b in batches])
+  builder = tfds.builder('imagenet2012', data_dir=str(imagenet_data_dir))
+  expected = [example['label'] for example in tfds.as_numpy(builder.as_dataset('validation'))]
+  np.testing.assert_array_equal(labels, expected)
+
+
+def test_missing_imagenet_download_says_what_to_do(tmp_path):
+  manual_dir = tmp_path / 'downloads' / 'manual'
+  manual_dir.mkdir(parents=True)
+  (manual_dir / 'ILSVRC2012_img_train.tar').touch()
+  with pytest.raises(ValueError) as error:
+    input_pipeline.get_dataset_info(_config(tmp_path))
+  message = str(error.value)
+  assert f'missing: {manual_dir}/ILSVRC2012_img_val.tar.' in message
+  assert 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar' in message
+  assert f'tfds build imagenet2012 --data_dir={tmp_path} --manual_dir={manual_dir}' in message
+
+  with pytest.raises(ValueError, match=f'missing: {tmp_path}/elsewhere/ILSVRC2012_img_train'):
+    input_pipeline.get_dataset_info(_config(tmp_path, tmp_path / 'elsewhere'))
+
+
+def test_unprepared_dataset_without_internet(tmp_path, monkeypatch):
+  def no_internet(*args, **kwargs):
+    raise ConnectionError('Failed to resolve storage.googleapis.com')
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare', no_internet)
+  config = _config(tmp_path)
+  config.dataset = 'mnist'
+  with pytest.raises(ValueError, match=f'(?s)mnist is not prepared in {tmp_path}.*'
+                     'Failed to resolve.*tfds build mnist'):
+    input_pipeline.get_dataset_info(config)
+  config.dataset = 'no_such_dataset'
+  with pytest.raises(ValueError, match="neither 'folder', 'digits', 'fake' nor"):
+    input_pipeline.get_dataset_info(config)

@@ -126,12 +126,14 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
 
   Returns:
     An iterator of {'image': float32 [b, S, S, 3], 'label': int32 [b]} with
-    b = config.batch_size // process_count and S = config.image_size.
+    b = config.batch_size // process_count and S = config.image_size; its num_skipped counts
+    the undecodable files met.
   """
   index, count = _process(process_index, process_count)
   batch_size = _local_batch_size(config.batch_size, count, 'batch_size')
   if config.dataset == 'fake':
-    return BatchIterator(itertools.repeat(_fake_batch(config, batch_size)))
+    batch = _fake_batch(config, batch_size)
+    return BatchIterator(dict(batch) for _ in itertools.count())
   source = data_sources.get_source(config)
   options = preprocessing_options(config, source.encoded)
   num_examples = source.num_examples(config.train_split)
@@ -267,7 +269,8 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
       center_crop_train=config.center_crop_train,
       random_flip=config.random_flip,
       pca_lighting_std=config.pca_lighting_std,
-      mean=_mean(config))
+      mean=_mean(config),
+      std=np.array(preprocessing.IMAGENET_STD_RGB, np.float32) if config.divide_by_std else None)
 
 
 def _mean(config) -> Optional[np.ndarray]:
@@ -331,12 +334,13 @@ def _decode(ds: tf.data.Dataset, image_fn: Callable, shape: list[int],
   Every example keeps its place in the stream, so batches never depend on which files are bad.
   """
   def example(position, handle):
-    decoded = tf.data.Dataset.from_tensors((position, handle)).map(
-        lambda p, h: (image_fn(p, h), True)).ignore_errors()
-    failed = tf.data.Dataset.from_tensors((tf.zeros(shape), False))
     passed = {name: handle[name] for name in ('label', 'key', 'mask') if name in handle}
-    return decoded.concatenate(failed).take(1).map(
-        lambda image, ok: {'image': image, 'ok': ok, **passed})
+    decoded = tf.data.Dataset.from_tensors((position, handle)).map(
+        lambda p, h: {'image': image_fn(p, h), 'ok': True, **passed}).ignore_errors()
+    # Lazy: the zero image is made only for an example that failed.
+    failed = tf.data.Dataset.range(1).map(
+        lambda _: {'image': tf.zeros(shape), 'ok': False, **passed})
+    return decoded.concatenate(failed).take(1)
 
   parallel = config.num_parallel_calls if config.num_parallel_calls > 0 else tf.data.AUTOTUNE
   # One element per input, so a deterministic interleave keeps the input order.

@@ -34,8 +34,8 @@ def _window_sum(v: jax.Array, radius: int) -> jax.Array:
   channels = v.shape[-1]
   padding = [(0, 0)] * (v.ndim - 1) + [(radius, radius)]
   padded = jnp.pad(v, padding)
-  # Shifted slices fuse with the surrounding elementwise math; on CPU this beats cumsum
-  # differences, banded matmuls and convolutions (docs/lrn.md).
+  # Shifted slices fuse with the surrounding elementwise math: on CPU as fast as reduce_window
+  # and 1.5-20x faster than cumsum differences, banded matmuls or 1-D convolutions (docs/lrn.md).
   shifted = [padded[..., i:i + channels] for i in range(2 * radius + 1)]
   return sum(shifted[1:], start=shifted[0])
 

@@ -19,6 +19,8 @@ import tensorflow as tf
 
 # ImageNet per-channel RGB mean on 0-255 pixels (the torchvision / Flax constants).
 IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)
+# ImageNet per-channel RGB standard deviation on 0-255 pixels (torchvision's constants).
+IMAGENET_STD_RGB = (58.395, 57.12, 57.375)
 # PCA of ImageNet RGB on [0, 1] (fb.resnet.torch, facts doc): eigenvalues and eigenvectors as
 # columns, so an image's colour shift is EIGVEC @ (alpha * EIGVAL).
 PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
@@ -48,6 +50,8 @@ class Options:
     pca_lighting_std: standard deviation of the lighting coefficients; 0 turns it off.
     mean: subtracted from the pixels: [3], or [R, R, 3] (a mean image; needs the square
       canvas); None subtracts nothing.
+    std: [3]; the result (lighting noise included) is divided by it, as torchvision does;
+      None keeps the paper's 0-255 scale.
   """
   image_size: int
   resize_size: int
@@ -57,6 +61,7 @@ class Options:
   random_flip: bool = True
   pca_lighting_std: float = 0.1
   mean: Optional[np.ndarray] = None
+  std: Optional[np.ndarray] = None
 
 
 def central_square(shape: tf.Tensor) -> tf.Tensor:
@@ -118,14 +123,34 @@ def decode_and_crop(data: tf.Tensor, window_fn: WindowFn, encoded: bool = True) 
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
-def resize(image: tf.Tensor, size) -> tf.Tensor:
-  """Bilinear resize to size (h, w), antialiased when shrinking as PIL does: float32."""
-  return tf.image.resize(image, size, method='bilinear', antialias=True)
+def resize(image: tf.Tensor, size, window: Optional[tf.Tensor] = None) -> tf.Tensor:
+  """Bilinear resize to size (h, w), antialiased when shrinking as PIL does: float32.
+
+  With a window (y, x, h', w') of the resized image, only that window's pixels are computed:
+  the values of resizing and then cropping (up to float rounding, < 0.01), for less work.
+  """
+  if window is None:
+    return tf.image.resize(image, size, method='bilinear', antialias=True)
+  # The op tf.image.resize runs, asked for a translated window.
+  scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
+  return tf.raw_ops.ScaleAndTranslate(
+      images=image[None], size=window[2:], scale=scale,
+      translation=-tf.cast(window[:2], tf.float32), kernel_type='triangle', antialias=True)[0]
 
 
 def shorter_side_size(shape: tf.Tensor, size: int) -> tf.Tensor:
   """(h, w) with the shorter side `size` and the aspect ratio kept (longer side floored)."""
   return shape * size // tf.minimum(shape[0], shape[1])
+
+
+def _decode_for_canvas(data: tf.Tensor, options: Options,
+                       square: bool) -> tuple[tf.Tensor, tf.Tensor]:
+  """The decoded pixels the canvas is resized from, and the canvas size (h, w)."""
+  image = decode_and_crop(data, central_square if square else whole_image, options.encoded)
+  size = options.resize_size
+  if square:
+    return image, tf.constant([size, size])
+  return image, shorter_side_size(tf.shape(image)[:2], size)
 
 
 def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
@@ -139,20 +164,38 @@ def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
   Returns:
     float32 [R, R, 3] (square) or [R, >= R, 3] / [>= R, R, 3].
   """
-  size = options.resize_size
-  if square:
-    image = resize(decode_and_crop(data, central_square, options.encoded), (size, size))
-  else:
-    image = decode_and_crop(data, whole_image, options.encoded)
-    image = resize(image, shorter_side_size(tf.shape(image)[:2], size))
-  return subtract_mean(image, options.mean)
+  image, size = _decode_for_canvas(data, options, square)
+  return subtract_mean(resize(image, size), options.mean)
 
 
-def subtract_mean(image: tf.Tensor, mean: Optional[np.ndarray]) -> tf.Tensor:
-  """image - mean, broadcasting a [3] mean; the identity for None."""
+def canvas_crop(data: tf.Tensor, options: Options, offset_fn: Callable[[tf.Tensor], tf.Tensor],
+                square: bool = True) -> tf.Tensor:
+  """The S x S crop of the canvas at offset_fn(canvas size (h, w)), mean subtracted; only the
+  crop is resized. float32 [S, S, 3]."""
+  image, size = _decode_for_canvas(data, options, square)
+  offset = offset_fn(size)
+  crop = options.image_size
+  image = resize(image, size, window=tf.concat([offset, [crop, crop]], axis=0))
+  return subtract_mean(image, options.mean, offset)
+
+
+def subtract_mean(image: tf.Tensor, mean: Optional[np.ndarray],
+                  offset: tf.Tensor = (0, 0)) -> tf.Tensor:
+  """image [h, w, 3] - mean: [3], or [R, R, 3] whose window at `offset` is subtracted; the
+  identity for None."""
   if mean is None:
     return image
-  return image - tf.constant(mean, tf.float32)
+  mean = tf.constant(mean, tf.float32)
+  if mean.shape.rank == 3:
+    mean = tf.slice(mean, [offset[0], offset[1], 0], tf.shape(image))
+  return image - mean
+
+
+def scale(image: tf.Tensor, std: Optional[np.ndarray]) -> tf.Tensor:
+  """image / std, broadcasting a [3] std over the channels; the identity for None."""
+  if std is None:
+    return image
+  return image / tf.constant(std, tf.float32)
 
 
 def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:
@@ -182,13 +225,16 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor
     image = resize(decode_and_crop(data, window_fn, options.encoded), (size, size))
     image = subtract_mean(image, options.mean)
   else:
-    image = canvas(data, options, square=options.center_crop_train)
-    image = tf.image.stateless_random_crop(image, [size, size, 3], crop_seed)
+    def random_offset(canvas_size):
+      # Uniform over the offsets that keep the crop inside the canvas (as tf.image's crop).
+      draw = tf.random.stateless_uniform([2], crop_seed, 0, tf.int32.max, tf.int32)
+      return draw % (canvas_size - size + 1)
+    image = canvas_crop(data, options, random_offset, square=options.center_crop_train)
   if options.random_flip:
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if options.pca_lighting_std:
     image += pca_lighting(lighting_seed, options.pca_lighting_std)
-  return tf.ensure_shape(image, [size, size, 3])
+  return tf.ensure_shape(scale(image, options.std), [size, size, 3])
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -224,7 +270,8 @@ def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> tf.Tensor:
     float32 [S, S, 3], or [10, S, S, 3] for 10 crops.
   """
   size = options.image_size
-  image = canvas(data, options, square=True)
   if crops == 10:
-    return tf.ensure_shape(ten_crops(image, size), [10, size, size, 3])
-  return tf.ensure_shape(center_crop(image, size), [size, size, 3])
+    return tf.ensure_shape(scale(ten_crops(canvas(data, options), size), options.std),
+                           [10, size, size, 3])
+  image = canvas_crop(data, options, lambda canvas_size: (canvas_size - size) // 2)
+  return tf.ensure_shape(scale(image, options.std), [size, size, 3])

@@ -20,6 +20,9 @@ metrics and its finiteness check); the PyTorch step computes the same metrics. N
 """
 
 from collections.abc import Callable
+import contextlib
+import functools
+import importlib.metadata
 import json
 import os
 import pathlib
@@ -41,13 +44,18 @@ from absl import flags
 import jax
 import numpy as np
 
+from alexnet_jax import convert
 from alexnet_jax import models
+from alexnet_jax import optim
+from alexnet_jax import parallel
+from alexnet_jax import train
 from configs import imagenet
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 FRAMEWORKS = ('jax', 'torch')
-# Dense peak FLOP/s of an H100 SXM (NVIDIA's datasheet, without sparsity).
-_H100_PEAK_FLOPS = {'bfloat16': 989e12, 'float32': 67e12}
+# Dense peak FLOP/s of an H100 SXM (NVIDIA's datasheet, without sparsity): bf16 tensor cores;
+# float32 through TF32 tensor cores, or the plain float32 units with --tf32=off.
+_H100_PEAK_FLOPS = {'bfloat16': 989e12, 'tf32': 494e12, 'float32': 67e12}
 
 _VARIANT = flags.DEFINE_enum('variant', 'paper', models.VARIANTS, 'AlexNet variant.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size (224 px images, 1000 classes).')
@@ -72,8 +80,8 @@ _TORCH_CHANNELS_LAST = flags.DEFINE_bool('torch_channels_last', False,
                                          'PyTorch model and input in channels_last layout.')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'torch.compile the PyTorch model.')
 _PEAK_TFLOPS = flags.DEFINE_float(
-    'peak_tflops', 0.0, 'Peak TFLOP/s of one device for MFU; 0: an H100 SXM\'s dense peak for '
-    '--dtype (989 bf16, 67 fp32 non-tensor) on GPU, no MFU on CPU.')
+    'peak_tflops', 0.0, 'Peak TFLOP/s of all devices together for MFU; 0: an H100 SXM\'s dense '
+    'peak per device (989 bf16, 494 TF32, 67 with --tf32=off) on GPU, no MFU on CPU.')
 _MEMORY_PROBE = flags.DEFINE_enum('memory_probe', None, FRAMEWORKS,
                                   'Internal: run one framework alone and print its peak memory.')
 
@@ -100,10 +108,19 @@ def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
           'mask': np.ones(batch, bool)}
 
 
+def create_state(config, mode: str):
+  """The project's train state, built on the host CPU; params only (no momentum) for eval.
+
+  On the host, so that no second copy of the state stays on the accelerator next to the
+  replicated one (it would count in the peak memory).
+  """
+  with jax.default_device(jax.local_devices(backend='cpu')[0]):
+    state = train.create_train_state(config, jax.random.PRNGKey(0))
+  return state.replace(opt_state=None) if mode == 'eval' else state
+
+
 def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
   """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
-  import functools  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import optim, parallel, train  # pylint: disable=g-import-not-at-top
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
   if mode == 'eval':
@@ -134,10 +151,9 @@ def torch_runner(config, mode: str, batch: dict[str, np.ndarray], params, device
   params: Flax params to copy in (same weights, so the same arithmetic), or None for torch's
   own initialisation (the memory probe, where values do not matter).
   """
-  import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import convert, torch_reference  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import torch_reference  # pylint: disable=g-import-not-at-top
   m = config.model
   model = torch_reference.TorchAlexNet(
       m.variant, config.num_classes, config.image_size, m.dropout_rate, m.lrn_depth_radius,
@@ -246,9 +262,7 @@ def memory_probe(framework: str, config, batch, device: str) -> dict[str, float]
   """
   baseline = _proc_status_kib('VmRSS')
   if framework == 'jax':
-    from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-    run = jax_runner(config, _MODE.value, batch,
-                     train.create_train_state(config, jax.random.PRNGKey(0)))
+    run = jax_runner(config, _MODE.value, batch, create_state(config, _MODE.value))
   else:
     run = torch_runner(config, _MODE.value, batch, None, device, _TORCH_CHANNELS_LAST.value,
                        _TORCH_COMPILE.value)
@@ -294,7 +308,6 @@ def machine() -> str:
 
 def versions() -> str:
   """Versions of the packages that decide the numbers."""
-  import importlib.metadata  # pylint: disable=g-import-not-at-top
   names = ('jax', 'jaxlib', 'flax', 'optax', 'torch')
   found = []
   for name in names:
@@ -340,8 +353,7 @@ def main(argv: list[str]) -> None:
     print('MEMORY', json.dumps(memory_probe(_MEMORY_PROBE.value, config, batch, device)))
     return
 
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-  state = train.create_train_state(config, jax.random.PRNGKey(0))
+  state = create_state(config, _MODE.value)
   params = jax.device_get(state.params)
   runners = {}
   if 'jax' in _FRAMEWORKS.value:
@@ -373,8 +385,10 @@ def report(config, seconds: dict[str, list[float]], memory: dict[str, dict[str, 
   ratio = None
   if len(seconds) == 2:
     ratio = statistics.median(t / j for j, t in zip(seconds['jax'], seconds['torch']))
-  peak_flops = _PEAK_TFLOPS.value * 1e12 or (
-      _H100_PEAK_FLOPS[_DTYPE.value] * jax.local_device_count() if device != 'cpu' else 0.0)
+  peak_flops = _PEAK_TFLOPS.value * 1e12
+  if not peak_flops and device != 'cpu':
+    unit = 'tf32' if _DTYPE.value == 'float32' and _TF32.value != 'off' else _DTYPE.value
+    peak_flops = _H100_PEAK_FLOPS[unit] * _NUM_DEVICES.value
   flops = flops_per_image(_VARIANT.value, config.image_size, config.num_classes, _MODE.value)
   torch_options = [o for o, on in (('channels_last', _TORCH_CHANNELS_LAST.value),
                                    ('compile', _TORCH_COMPILE.value)) if on]

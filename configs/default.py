@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
   # He init and a cosine schedule converge in a few epochs; the paper's N(0, 0.01) with bias 1
   # needs far more steps to leave the flat start (Caffe's note, and ours on this data).
   config.model.init = 'he'
+  config.divide_by_std = True  # He init expects unit-variance inputs (torchvision scaling).
   config.optimizer = 'sgd'
   config.learning_rate = 0.01
   config.lr_schedule = 'cosine'
@@ -37,7 +38,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.batch_size = 64
   config.eval_batch_size = 128
-  config.num_epochs = 12.0
+  config.num_epochs = 8.0  # Fits the 5-minute budget on 2 CPU cores (README: measured).
+  config.eval_every_epochs = 2.0
   config.log_every_steps = 20
   config.checkpoint_every_steps = 200
   config.shuffle_buffer_size = 2048

@@ -41,6 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'none'. Images are scaled to [0, 255] before subtraction, as in the paper and Caffe.
   config.mean_subtraction = 'channel'
   config.mean_image_path = ml_collections.FieldReference(None, field_type=str)
+  # Paper/Caffe: pixels stay on the 0-255 scale. True: divide by the per-channel ImageNet std
+  # (torchvision), which 'he' init assumes: unit-variance inputs.
+  config.divide_by_std = False
   config.eval_crops = 1  # 1: centre crop (Caffe/torchvision numbers); 10: the paper's 10-crop.
   config.on_bad_image = 'skip'  # 'skip' (warn, count) or 'raise' on undecodable files.
 

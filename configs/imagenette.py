@@ -22,7 +22,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_split = 'val'
   config.num_classes = 10
 
-  config.model.init = 'he'  # ~9.5k images do not give the paper's init time to start.
+  config.model.init = 'he'
+  config.divide_by_std = True  # He init expects unit-variance inputs (torchvision scaling).  # ~9.5k images do not give the paper's init time to start.
   config.optimizer = 'sgd'
   config.learning_rate = 0.02
   config.lr_schedule = 'cosine'

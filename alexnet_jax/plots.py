@@ -21,7 +21,8 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: str | pathli
   """Loss and top-1/top-5 of train and eval vs step, learning-rate drops marked, to PNG.
 
   Args:
-    history: records of `reporting.read_history` (kind 'train' or 'eval').
+    history: records of `reporting.read_history`: kinds 'train', 'eval', and 'lr_drop' (a
+      dashed line at its step).
     path: the PNG to write.
     steps_per_epoch: if given, a second x axis in epochs.
   """
@@ -34,8 +35,7 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: str | pathli
       ax_loss.plot(steps, [r['loss'] for r in records], style, label=f'{kind} loss', ms=3)
       for k in ('top1', 'top5'):
         ax_acc.plot(steps, [r[k] for r in records], style, label=f'{kind} {k}', ms=3)
-  lrs = [(r['step'], r['learning_rate']) for r in series['train'] if 'learning_rate' in r]
-  drops = [s for (s, lr), (_, prev) in zip(lrs[1:], lrs[:-1]) if lr < 0.5 * prev]
+  drops = [r['step'] for r in history if r['kind'] == 'lr_drop']
   for ax in (ax_loss, ax_acc):
     for step in drops:
       ax.axvline(step, color='grey', ls='--', lw=0.8)

@@ -293,6 +293,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   replicated = parallel.replicate(state, devices)
   throughput = reporting.Throughput(start_step, total_steps, config.batch_size)
   eval_metrics, pending, pending_from, summary = {}, [], start_step, {}
+  step_drops = ({int(e * steps_per_epoch) for e in config.step_epochs}
+                if config.lr_schedule == 'step' else set())
 
   def save(eval_top1=None):
     host_state = parallel.unreplicate(replicated)
@@ -303,6 +305,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       replicated, metrics = p_train_step(replicated, next(batches))
       pending.append(metrics)
       is_last = step == total_steps
+      if step in step_drops:
+        writer.write(step, 'lr_drop', {'scale': config.plateau_factor})
       if step % config.log_every_steps == 0 or step % eval_every == 0 or is_last or preempted[0]:
         host = [parallel.unreplicate(m) for m in pending]
         meta['skipped_steps'] += _check_finite(host, pending_from + 1, config,
@@ -322,6 +326,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
         if dropped:
           logging.info('Validation top-1 stopped improving: learning rate x%g at step %d.',
                        config.plateau_factor, step)
+          writer.write(step, 'lr_drop', {'scale': float(plateau.scale)})
         replicated = replicated.replace(plateau=parallel.replicate(plateau, devices))
         if jax.process_index() == 0:
           plots.plot_learning_curves(reporting.read_history(workdir), workdir / 'curves.png',

@@ -207,13 +207,15 @@ def test_digits():
   # Stratified: each class gives a fifth of its examples to the test split.
   assert np.all(np.abs(np.bincount(labels) - np.bincount(digits.target) * 0.2) <= 1)
 
-  # The first test image, independently: 0..16 -> 0..255, bilinear 8 -> 72, centre 64.
+  # The first test image, independently: 0..16 -> 0..255, bilinear 8 -> 72, centre 64, then
+  # (x - mean) / std per channel (the default config divides by the ImageNet std).
   first = np.sort(_digit_test_indices(digits))[0]
   grey = Image.fromarray(digits.images[first].astype(np.float32) * 255 / 16, mode='F')
   canvas = np.asarray(grey.resize((72, 72), Image.BILINEAR))[4:68, 4:68]
-  expected = canvas[..., None] - MEAN
+  expected = (canvas[..., None] - MEAN) / np.array([58.395, 57.12, 57.375])
+  assert config.divide_by_std
   assert batches[0]['image'].shape == (128, 64, 64, 3)
-  np.testing.assert_allclose(batches[0]['image'][0], expected, atol=0.05)
+  np.testing.assert_allclose(batches[0]['image'][0], expected, atol=0.05 / 57)
   assert batches[0]['label'][0] == digits.target[first]
 
   batch = next(input_pipeline.create_train_iterator(config))

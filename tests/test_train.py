@@ -189,3 +189,22 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
   with pytest.raises(ValueError, match=r'config.batch_size=6 must be a positive multiple of the '
                      r'number of devices \(4'):
     parallel.per_device_batch_size(6, 4, 'batch_size')
+
+
+def test_nonfinite_metrics_stop_the_run_naming_step_and_last_checkpoint():
+  metrics = [{'finite': 1.0}, {'finite': 0.0}, {'finite': 0.0}]
+  with pytest.raises(train.NonFiniteError, match=r'at step 12;.*Last good checkpoint: step 8'):
+    train._check_finite(metrics, 11, tiny_config(on_nonfinite='stop'), 8)  # pylint: disable=protected-access
+  assert train._check_finite(metrics, 11, tiny_config(on_nonfinite='skip'), 8) == 2  # pylint: disable=protected-access
+
+
+def test_learning_rate_schedules_by_hand():
+  config = tiny_config(learning_rate=0.1, warmup_epochs=1.0, num_epochs=4.0,
+                       lr_schedule='step', step_epochs=(2, 3), plateau_factor=0.1)
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  np.testing.assert_allclose([lr(s) for s in (0, 5, 10, 19, 20, 29, 30)],
+                             [0.0, 0.05, 0.1, 0.1, 0.01, 0.01, 0.001], rtol=1e-5)
+  config.lr_schedule = 'cosine'
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  # After warmup: 0.1 * (1 + cos(pi * t / 30)) / 2 over the remaining 30 steps.
+  np.testing.assert_allclose(float(lr(25)), 0.1 * (1 + np.cos(np.pi * 15 / 30)) / 2, rtol=1e-5)

@@ -12,16 +12,22 @@ import jax
 import ml_collections
 
 from alexnet_jax import models
+from alexnet_jax import optim
 
-_CHOICES = {
-    'model.variant': ('paper', 'torchvision'),
-    'model.init': ('paper', 'caffe', 'he'),
-    'model.dtype': ('float32', 'bfloat16', 'float16'),
-    'optimizer': ('paper_momentum', 'sgd'),
-    'lr_schedule': ('plateau', 'step', 'cosine', 'constant'),
+# What a run's config is saved as in its workdir.
+CONFIG_FILE = 'config.json'
+
+_DATA_CHOICES = {
     'train_crop': ('paper', 'random_resized'),
     'mean_subtraction': ('channel', 'pixel', 'none'),
     'on_bad_image': ('skip', 'raise'),
+}
+_CHOICES = {
+    'model.variant': models.VARIANTS,
+    'model.init': models.INIT_SCHEMES,
+    'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'optimizer': optim.OPTIMIZERS,
+    'lr_schedule': optim.SCHEDULES,
     'on_nonfinite': ('stop', 'skip'),
     'eval_crops': (1, 10),
 }
@@ -45,20 +51,32 @@ def _get(config: Any, dotted: str) -> Any:
   return config
 
 
+def _check_choices(config: Any, choices: dict[str, tuple[Any, ...]]) -> None:
+  for field, allowed in choices.items():
+    if _get(config, field) not in allowed:
+      raise ValueError(f'config.{field}={_get(config, field)!r} is not one of {allowed}.')
+
+
+def validate_data(config: ml_collections.ConfigDict) -> None:
+  """The input pipeline's part of `validate`: it alone has no model minimum image size."""
+  _check_choices(config, _DATA_CHOICES)
+  if config.image_size > config.resize_size:
+    raise ValueError(f'config.image_size={config.image_size} crops from images resized to '
+                     f'config.resize_size={config.resize_size}; it cannot be larger.')
+  if config.seed < 0:
+    raise ValueError(f'config.seed={config.seed} must not be negative.')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field, its value and what is allowed."""
-  for field, choices in _CHOICES.items():
-    if _get(config, field) not in choices:
-      raise ValueError(f'config.{field}={_get(config, field)!r} is not one of {choices}.')
+  _check_choices(config, _CHOICES)
+  validate_data(config)
   for field in _POSITIVE:
     if not _get(config, field) > 0:
       raise ValueError(f'config.{field}={_get(config, field)!r} must be positive.')
   for field in _NON_NEGATIVE:
     if not _get(config, field) >= 0:
       raise ValueError(f'config.{field}={_get(config, field)!r} must not be negative.')
-  if config.image_size > config.resize_size:
-    raise ValueError(f'config.image_size={config.image_size} crops from images resized to '
-                     f'config.resize_size={config.resize_size}; it cannot be larger.')
   minimum = models.min_input_size(config.model.variant)
   if config.image_size < minimum:
     raise ValueError(f'config.image_size={config.image_size} is too small for the '
@@ -84,7 +102,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> N
   Raises:
     ValueError: the workdir was written with another config and `allow_config_change` is off.
   """
-  path = workdir / 'config.json'
+  path = workdir / CONFIG_FILE
   current = json.loads(config.to_json_best_effort())
   if path.exists() and not config.allow_config_change:
     saved = _flatten(json.loads(path.read_text()))

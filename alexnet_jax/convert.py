@@ -1,4 +1,10 @@
-"""AlexNet weights between PyTorch state_dicts and Flax params of `models.AlexNet`.
+"""AlexNet weights in and out: torch state_dicts, portable .npz files, this project's checkpoints.
+
+    python -m alexnet_jax.convert --torch=alexnet.pth --out=params.npz [--variant=paper]
+    python -m alexnet_jax.convert --workdir=DIR --out=params.npz [--checkpoint=best]
+
+The first converts a torch AlexNet; the second exports a training run's params with its config.
+Training starts from any of these files with `--config.init_from` (see `initial_params`).
 
 Torch names: torchvision's `alexnet` for the 'torchvision' variant, `torch_reference.TorchAlexNet`
 for both. Layouts: a torch conv weight [O, I/groups, kh, kw] is a Flax kernel [kh, kw, I/groups, O]
@@ -8,21 +14,43 @@ window is the whole map, fc6 takes the same permutation as the convs.
 
 PyTorch is needed only to read a `.pth` file; dicts of numpy arrays convert without it.
 
-    python -m alexnet_jax.convert --torch=alexnet.pth --out=params.npz [--variant=paper]
+The portable .npz (`save_npz`) reads with plain `numpy.load`: no pickle, no code of this project.
+Its keys are 'LAYER/kernel' and 'LAYER/bias' for LAYER in conv1..conv5, fc6, fc7, fc8, float32:
+  convN/kernel  [kh, kw, in / groups, out]: HWIO, for NHWC images. conv2, conv4 and conv5 of the
+                paper variant have 2 groups: outputs [0, out/2) see inputs [0, in/2), outputs
+                [out/2, out) inputs [in/2, in), as in TensorFlow and torch.
+  fc6/kernel    [h * w * c, 4096], [in, out] like every fc kernel; [h, w, c] is the last pooled
+                map, flattened NHWC: row (i * w + j) * c + k is map k at (i, j). torch flattens
+                (c, h, w); `flax_to_torch_state_dict` permutes.
+  fc7/kernel    [4096, 4096]; fc8/kernel [4096, num_classes]; LAYER/bias [out].
+  config        only when exported from a workdir: the run's config as a JSON string,
+                `json.loads(str(npz['config']))`. It gives model.variant, num_classes,
+                image_size, the LRN constants and the input scaling the weights expect (pixels
+                on 0-255, then `mean_subtraction` and `divide_by_std`).
+Paper variant: conv1..5 [11, 11, 3, 96], [5, 5, 48, 256], [3, 3, 256, 384], [3, 3, 192, 384],
+[3, 3, 192, 256]; fc6 [9216, 4096] at 224 px (6x6x256), [256, 4096] at 63 px (1x1x256).
+torchvision variant: [11, 11, 3, 64], [5, 5, 64, 192], [3, 3, 192, 384], [3, 3, 384, 256],
+[3, 3, 256, 256]; fc6 [9216, 4096] at any size (6x6 adaptive average pool first). Between the
+layers: conv1 stride 4, conv padding 2, 2, 1, 1, 1; ReLU after all but fc8; the paper's LRN after
+conv1's and conv2's ReLU; 3x3 stride-2 max-pools after conv1, conv2 and conv5.
 """
 
 import argparse
 from collections.abc import Mapping
 import functools
+import json
 import os
+import pathlib
 from typing import Any
 
+from absl import logging
 import flax
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import checkpointing
 from alexnet_jax import models
 
 # Each Flax layer's index in the torch `features` / `classifier` Sequentials.
@@ -36,6 +64,8 @@ _TORCH_LAYERS = {
 }
 
 Params = dict[str, dict[str, np.ndarray]]
+# The key of the config (JSON) in an exported .npz; never a parameter path, which has a '/'.
+_CONFIG_KEY = 'config'
 
 
 def torch_names(variant: str) -> dict[str, str]:
@@ -169,29 +199,142 @@ def flax_to_torch_state_dict(params: Mapping[str, Any], variant: str,
   return {name: _to_torch(path, flat[path], fc6_map) for path, name in names.items()}
 
 
-def save_npz(params: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-  """Writes params to an .npz whose keys are the flattened paths ('conv1/kernel', ...)."""
-  np.savez(path, **traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/'))
+def save_npz(params: Mapping[str, Any], path: str | os.PathLike[str],
+             config: Mapping[str, Any] | None = None) -> None:
+  """Writes params to an .npz laid out as the module docstring says.
+
+  Args:
+    params: variables['params'] of the model: {'conv1': {'kernel': [11, 11, 3, C1], ...}, ...}.
+    path: the .npz to write.
+    config: if given, stored as a JSON string under 'config'.
+  """
+  arrays = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  if config is not None:
+    arrays[_CONFIG_KEY] = np.array(json.dumps(config))
+  np.savez(path, **arrays)
 
 
 def load_npz(path: str | os.PathLike[str]) -> Params:
-  """Reads params written by `save_npz`."""
+  """Reads the params written by `save_npz` (without the config)."""
   with np.load(path) as data:
-    return traverse_util.unflatten_dict({key: data[key] for key in data.files}, sep='/')
+    return traverse_util.unflatten_dict(
+        {key: data[key] for key in data.files if key != _CONFIG_KEY}, sep='/')
+
+
+def _read_weights(path: pathlib.Path, variant: str, image_size: int) -> Params:
+  """Params from an .npz, a torch .pth/.pt state_dict, or a workdir or checkpoint directory."""
+  if not path.exists():
+    raise FileNotFoundError(f'init_from={str(path)!r} does not exist.')
+  if path.is_dir():
+    return checkpointing.read_params(path)[1]
+  if path.suffix == '.npz':
+    return load_npz(path)
+  if path.suffix in ('.pth', '.pt'):
+    return torch_state_dict_to_flax(path, variant, image_size)
+  raise ValueError(f'init_from={str(path)!r} is neither an .npz, a .pth/.pt state_dict nor a '
+                   f'training workdir or checkpoint directory.')
+
+
+def initial_params(path: str | os.PathLike[str], fresh: Mapping[str, Any], variant: str,
+                   image_size: int) -> dict[str, Any]:
+  """The weights at `path` to start training from (`config.init_from`), fitted to `fresh`.
+
+  Args:
+    path: an .npz of `save_npz`, a torch .pth/.pt state_dict of `variant`, or a training
+      workdir (or its checkpoints/, or one step in it) of this project: its params only.
+    fresh: newly initialised params of the run's model; fc8's kernel is [4096, num_classes].
+    variant: the run's model variant ('paper' or 'torchvision').
+    image_size: the run's input side (reads the paper variant's fc6 from torch).
+  Returns:
+    The loaded params as arrays of `fresh`'s dtypes. Where fc8's class count differs (a new
+    label set), fc8 stays `fresh`'s, and one line says so.
+  Raises:
+    ValueError: any other parameter is missing, unexpected or mis-shaped; the message names it.
+  """
+  path = pathlib.Path(path)
+  loaded = traverse_util.flatten_dict(
+      flax.core.unfreeze(_read_weights(path, variant, image_size)), sep='/')
+  expected = traverse_util.flatten_dict(flax.core.unfreeze(fresh), sep='/')
+  what = f'init_from={str(path)!r}'
+  _check_keys(set(loaded), set(expected), what)
+  classes, loaded_classes = expected['fc8/bias'].shape[0], loaded['fc8/bias'].shape[0]
+  if loaded_classes != classes:
+    logging.info('init_from: fc8 has %d classes, config has %d: fc8 re-initialised.',
+                 loaded_classes, classes)
+    loaded.update({key: expected[key] for key in ('fc8/kernel', 'fc8/bias')})
+  _check_shapes({key: leaf.shape for key, leaf in loaded.items()},
+                {key: leaf.shape for key, leaf in expected.items()}, what)
+  logging.info('init_from: starting from the weights in %s.', path)
+  return traverse_util.unflatten_dict(
+      {key: jnp.asarray(leaf, expected[key].dtype) for key, leaf in loaded.items()}, sep='/')
+
+
+def _read_source(args: argparse.Namespace) -> tuple[Params, dict[str, Any] | None, str]:
+  """(params, the config or None, what they are) from --workdir or --torch."""
+  if args.workdir:
+    step, params, meta = checkpointing.read_params(args.workdir, args.checkpoint == 'best')
+    variant = meta['config']['model']['variant']
+    return params, meta['config'], (f'{variant!r} AlexNet (step {step}, the {args.checkpoint} '
+                                    f'checkpoint) and its config')
+  params = torch_state_dict_to_flax(args.torch, args.variant, args.image_size)
+  return params, None, f'{args.variant!r} AlexNet'
+
+
+def load_params(path: str | os.PathLike[str], variant: str, num_classes: int,
+                image_size: int = 224) -> Params:
+  """The weights at `path` to evaluate or predict with: all of them must fit, fc8 included.
+
+  Args:
+    path: as for `initial_params`.
+    variant: the model variant ('paper' or 'torchvision').
+    num_classes: the model's classes (fc8's width).
+    image_size: the model's input side (fc6's width in the paper variant).
+  Returns:
+    {'conv1': {'kernel': [11, 11, 3, C1], 'bias': [C1]}, ..., 'fc8': {...}}.
+  Raises:
+    FileNotFoundError: there is no such file.
+    ValueError: the file cannot be read, or a parameter is missing, unexpected or mis-shaped.
+  """
+  path = pathlib.Path(path)
+  try:
+    params = _read_weights(path, variant, image_size)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged or foreign file fails deep in numpy, torch or Orbax, often without its name.
+    raise ValueError(f'Cannot use init_from={str(path)!r}: {e}') from e
+  flat = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
+  expected = _flax_shapes(variant, num_classes, image_size)
+  what = f'init_from={str(path)!r} for the {variant!r} AlexNet with {num_classes} classes'
+  _check_keys(set(flat), set(expected), what)
+  _check_shapes({key: leaf.shape for key, leaf in flat.items()}, expected, what)
+  return params
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description='Converts a torch AlexNet .pth to Flax params.')
-  parser.add_argument('--torch', required=True, help='.pth state_dict to read.')
+  parser = argparse.ArgumentParser(
+      description='Writes AlexNet params to a portable .npz: converted from a torch .pth, or '
+                  'exported from a training workdir with its config.')
+  source = parser.add_mutually_exclusive_group(required=True)
+  source.add_argument('--torch', help='.pth state_dict to convert.')
+  source.add_argument('--workdir', help='Training workdir (or its checkpoints/, or one step '
+                                        'in it) to export.')
   parser.add_argument('--out', required=True, help='.npz of Flax params to write.')
-  parser.add_argument('--variant', default='torchvision', choices=models.VARIANTS)
+  parser.add_argument('--checkpoint', default='latest', choices=('latest', 'best'),
+                      help='With --workdir: the latest, or the best by validation top-1.')
+  parser.add_argument('--variant', default='torchvision', choices=models.VARIANTS,
+                      help='With --torch: the AlexNet the weights belong to.')
   parser.add_argument('--image_size', type=int, default=224,
-                      help="Input side the paper variant was built for (fc6's width).")
+                      help="With --torch: input side the paper variant was built for (fc6's "
+                           "width).")
   args = parser.parse_args(argv)
-  params = torch_state_dict_to_flax(args.torch, args.variant, args.image_size)
-  save_npz(params, args.out)
+  try:
+    params, config, what = _read_source(args)
+  except (OSError, ValueError, checkpointing.CheckpointError) as e:
+    raise SystemExit(f'{type(e).__name__}: {e}') from None
+  save_npz(params, args.out, config)
   count = sum(leaf.size for leaf in jax.tree.leaves(params))
-  print(f'Wrote {count:,} parameters of the {args.variant!r} AlexNet to {args.out}.')
+  print(f'Wrote {count:,} parameters of the {what} to {args.out}.')
 
 
 if __name__ == '__main__':

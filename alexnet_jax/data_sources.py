@@ -89,7 +89,7 @@ class TfdsSource(Source):
   def __init__(self, builder: tfds.core.DatasetBuilder, shuffle_buffer_size: int):
     self._builder = builder
     self._shuffle_buffer_size = shuffle_buffer_size
-    self._image_key, self._label_key = builder.info.supervised_keys or ('image', 'label')
+    self._image_key, self._label_key = _supervised_keys(builder)
     self.class_names = list(builder.info.features[self._label_key].names)
     self.encoded = True
 
@@ -146,10 +146,7 @@ def get_source(config) -> Source:
 def folder_source(root: Optional[str], *splits: str) -> ArraySource:
   """An image folder ROOT/<split>/<class>/<image>; label = index of the class in the sorted
   class folders of the first split (the training split)."""
-  if not root:
-    raise ValueError("dataset='folder' needs config.data_dir: the root of ROOT/<split>/<class>/"
-                     '*.JPEG.')
-  listings = {split: _list_folder(os.path.join(root, split)) for split in dict.fromkeys(splits)}
+  listings = {split: _list_folder(_split_dir(root, split)) for split in dict.fromkeys(splits)}
   class_names = sorted(listings[splits[0]])
   class_index = {name: i for i, name in enumerate(class_names)}
   arrays = {}
@@ -164,9 +161,20 @@ def folder_source(root: Optional[str], *splits: str) -> ArraySource:
   return ArraySource(arrays, class_names, read_files=True)
 
 
-@functools.lru_cache(maxsize=None)
-def _list_folder(split_dir: str) -> dict[str, list[str]]:
-  """{class folder name: sorted image paths} of one split; cached (ImageNet has 1.3M files)."""
+def folder_class_names(root: Optional[str], split: str) -> list[str]:
+  """The class names of `folder_source(root, split, ...)` from its folders, no image listed."""
+  return _class_folders(_split_dir(root, split))
+
+
+def _split_dir(root: Optional[str], split: str) -> str:
+  if not root:
+    raise ValueError("dataset='folder' needs config.data_dir: the root of ROOT/<split>/<class>/"
+                     '*.JPEG.')
+  return os.path.join(root, split)
+
+
+def _class_folders(split_dir: str) -> list[str]:
+  """The sorted class folder names of one split."""
   if not tf.io.gfile.isdir(split_dir):
     raise ValueError(f'Image folder split {split_dir} does not exist; expected '
                      f'{split_dir}/<class>/<image>.JPEG (set config.data_dir and the split names).')
@@ -176,7 +184,13 @@ def _list_folder(split_dir: str) -> dict[str, list[str]]:
                    and tf.io.gfile.isdir(os.path.join(split_dir, name)))
   if not classes:
     raise ValueError(f'{split_dir} has no class folders; expected {split_dir}/<class>/<image>.')
-  listing = {name: [] for name in classes}
+  return classes
+
+
+@functools.lru_cache(maxsize=None)
+def _list_folder(split_dir: str) -> dict[str, list[str]]:
+  """{class folder name: sorted image paths} of one split; cached (ImageNet has 1.3M files)."""
+  listing = {name: [] for name in _class_folders(split_dir)}
   for path in tf.io.gfile.glob(os.path.join(split_dir, '*', '*')):
     name = os.path.basename(os.path.dirname(path))
     if name in listing and path.lower().endswith(IMAGE_EXTENSIONS):
@@ -227,14 +241,29 @@ def tfds_builder(name: str, data_dir: Optional[str],
     ValueError: unknown name, a manual download missing (saying which files go where), or
       preparation failed (e.g. no internet).
   """
-  try:
-    builder = tfds.builder(name, data_dir=data_dir)
-  except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(f"config.dataset={name!r} is neither 'folder', 'digits', 'fake' nor a "
-                     f'TFDS dataset: {e}') from e
+  builder = _find_builder(name, data_dir)
   if not builder.is_prepared():
     _prepare(builder, manual_dir)
   return builder
+
+
+def tfds_class_names(name: str, data_dir: Optional[str]) -> list[str]:
+  """A TFDS dataset's label names, from its builder's code: works before it is prepared."""
+  builder = _find_builder(name, data_dir)
+  return list(builder.info.features[_supervised_keys(builder)[1]].names)
+
+
+def _find_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilder:
+  try:
+    return tfds.builder(name, data_dir=data_dir)
+  except tfds.core.DatasetNotFoundError as e:
+    raise ValueError(f"config.dataset={name!r} is neither 'folder', 'digits', 'fake' nor a "
+                     f'TFDS dataset: {e}') from e
+
+
+def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:
+  """The (image, label) feature names of a TFDS dataset."""
+  return builder.info.supervised_keys or ('image', 'label')
 
 
 def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]):

@@ -26,6 +26,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from alexnet_jax import config_checks
 from alexnet_jax import data_sources
 from alexnet_jax import preprocessing
 
@@ -248,19 +249,9 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
   """The preprocessing a config asks for (inputs encoded files, or pixels).
 
   Raises:
-    ValueError: an unknown or inconsistent setting, or a missing mean image.
+    ValueError: a bad setting (see `config_checks.validate_data`), or a missing mean image.
   """
-  choices = {'train_crop': ('paper', 'random_resized'),
-             'mean_subtraction': ('channel', 'pixel', 'none'),
-             'on_bad_image': ('skip', 'raise')}
-  for name, allowed in choices.items():
-    if config[name] not in allowed:
-      raise ValueError(f'config.{name}={config[name]!r}; choose one of {allowed}.')
-  if config.image_size > config.resize_size:
-    raise ValueError(f'config.image_size={config.image_size} crops cannot come from a '
-                     f'{config.resize_size} px image (config.resize_size).')
-  if config.seed < 0:
-    raise ValueError(f'config.seed={config.seed} must be non-negative.')
+  config_checks.validate_data(config)
   return preprocessing.Options(
       image_size=config.image_size,
       resize_size=config.resize_size,

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import fast_ops
 from alexnet_jax import lrn
 
 VARIANTS = ('paper', 'torchvision')
@@ -274,13 +275,14 @@ class AlexNet(nn.Module):
                   padding=[(stage.padding, stage.padding)] * 2,
                   feature_group_count=stage.groups, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=stage.name,
+                  conv_general_dilated=fast_ops.conv_general_dilated,
                   **_initializers(self.init_scheme, stage.name))(x)
       x = nn.relu(x)
       if stage.lrn:
         x = lrn.LocalResponseNorm(depth_radius=self.lrn_depth_radius, bias=self.lrn_bias,
                                   alpha=self.lrn_alpha, beta=self.lrn_beta)(x)
       if stage.pool:
-        x = nn.max_pool(x, (_POOL_WINDOW,) * 2, strides=(_POOL_STRIDE,) * 2, padding='VALID')
+        x = fast_ops.max_pool(x, _POOL_WINDOW, _POOL_STRIDE)
     if self.variant == 'torchvision':
       x = adaptive_avg_pool(x, (_TORCHVISION_POOL_SIZE,) * 2)
     x = x.reshape((x.shape[0], -1))  # (h, w, c) order; convert.py permutes torch's fc6.

@@ -13,6 +13,7 @@ matplotlib.use('Agg')  # Files only; never needs a display.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import reporting  # pylint: disable=g-import-not-at-top
 
 
@@ -83,6 +84,14 @@ def plot_filters(kernel: np.ndarray, path: str | pathlib.Path) -> None:
   plt.close(fig)
 
 
+def _steps_per_epoch(history: Sequence[dict[str, float]]) -> int | None:
+  """Read back from the train records, whose 'epoch' is step / steps_per_epoch."""
+  for record in history:
+    if record['kind'] == 'train' and record.get('epoch'):
+      return round(record['step'] / record['epoch'])
+  return None
+
+
 def main(argv: Sequence[str]) -> None:
   """Draws curves.png and (if a checkpoint exists) filters.png into --workdir."""
   del argv
@@ -91,8 +100,15 @@ def main(argv: Sequence[str]) -> None:
   history = reporting.read_history(workdir)
   if not history:
     raise SystemExit(f'No {reporting.HISTORY_FILE} in {workdir}: is it a training workdir?')
-  plot_learning_curves(history, workdir / 'curves.png')
+  plot_learning_curves(history, workdir / 'curves.png', _steps_per_epoch(history))
   print(f'wrote {workdir / "curves.png"}')
+  try:
+    step, params, _ = checkpointing.read_params(workdir)
+  except checkpointing.CheckpointError as e:
+    print(f'no filters.png: {e}')
+    return
+  plot_filters(np.asarray(params['conv1']['kernel']), workdir / 'filters.png')
+  print(f'wrote {workdir / "filters.png"} (conv1 at step {step})')
 
 
 if __name__ == '__main__':

@@ -31,6 +31,7 @@ import optax
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
+from alexnet_jax import convert
 from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
@@ -58,12 +59,15 @@ def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
       lrn_bias=m.lrn_bias, lrn_alpha=m.lrn_alpha, lrn_beta=m.lrn_beta)
 
 
-def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> TrainState:
+def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
+                       init_from: str | None = None) -> TrainState:
   """Initialises the model and optimizer on the host (no device axis).
 
   Args:
     config: a config from `configs/`.
     rng: a PRNG key; split into the parameter init key and the dropout key.
+    init_from: weights to start from (`convert.initial_params`), e.g. `config.init_from`;
+      None: all fresh.
   Returns:
     A `TrainState` with step 0, params of `create_model(config)` at `config.image_size`, the
     optimizer state of `optim.create_optimizer`, and a fresh plateau schedule.
@@ -72,6 +76,8 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array) -> Tra
   init_rng, dropout_rng = jax.random.split(rng)
   dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
   params = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)['params']
+  if init_from:
+    params = convert.initial_params(init_from, params, config.model.variant, config.image_size)
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=optim.create_optimizer(config, params),
       dropout_rng=dropout_rng, plateau=optim.PlateauState.create())
@@ -186,8 +192,8 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
   """One pass over the eval split; every example counted once, whatever the device count.
 
   Returns:
-    loss, top1, top5 (means over examples), count, and per_class_top1 (a list, NaN for
-    classes without examples).
+    loss, top1, top5 (means over examples), count, per_class_top1 (a list, NaN for classes
+    without examples) and per_class_count (a list).
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   totals = None
@@ -201,10 +207,10 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
   totals = parallel.unreplicate(totals)
   count = float(totals['count'])
   with np.errstate(invalid='ignore', divide='ignore'):
-    per_class = totals['class_correct'] / totals['class_count']
+    per_class = totals['class_correct'].astype(np.float64) / totals['class_count']
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
           'top5': float(totals['top5']) / count, 'count': count,
-          'per_class_top1': per_class.tolist()}
+          'per_class_top1': per_class.tolist(), 'per_class_count': totals['class_count'].tolist()}
 
 
 @contextlib.contextmanager
@@ -246,6 +252,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
                        workdir: str | pathlib.Path) -> tuple[TrainState, dict[str, Any]]:
   """Trains and evaluates per `config`, resuming from the newest checkpoint in `workdir`.
 
+  A run without checkpoints starts from `config.init_from` when it is set.
+
   Returns:
     The final host train state and the final metrics (also in WORKDIR/final_metrics.json).
   """
@@ -264,9 +272,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
 
   writer = reporting.MetricWriter(workdir)
-  manager = checkpointing.create_manager(workdir / 'checkpoints', config.keep_checkpoints)
+  manager = checkpointing.create_manager(workdir / checkpointing.DIRECTORY,
+                                         config.keep_checkpoints)
   config_dict = checkpointing.config_to_dict(config)
-  state = create_train_state(config, jax.random.PRNGKey(config.seed))
+  # The workdir's own checkpoints win over init_from: a rerun continues where it stopped.
+  resuming = manager.latest_step() is not None
+  state = create_train_state(config, jax.random.PRNGKey(config.seed),
+                             None if resuming else config.init_from)
   meta = {'config': config_dict, 'skipped_steps': 0}
   restored = checkpointing.restore_latest(manager, state, config_dict)
   if restored is not None:
@@ -275,9 +287,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     logging.info('Resuming from the checkpoint at step %d.', int(state.step))
   else:
     writer.write_text('config', str(config))
-    writer.write_text('model', models.summary(create_model(config), config.image_size))
-    (workdir / 'model_summary.txt').write_text(
-        models.summary(create_model(config), config.image_size))
+    model_summary = models.summary(create_model(config), config.image_size)
+    writer.write_text('model', model_summary)
+    if jax.process_index() == 0:
+      (workdir / 'model_summary.txt').write_text(model_summary)
   start_step = int(state.step)
   logging.info('%s: %d train / %d eval examples, %d steps per epoch, %d steps in all, on %d '
                'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
@@ -304,6 +317,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     for step in range(start_step + 1, total_steps + 1):
       replicated, metrics = p_train_step(replicated, next(batches))
       pending.append(metrics)
+      if len(pending) > 1:
+        # At most one step queued behind the running one: without this, dispatch runs up to
+        # log_every_steps ahead, and a SIGTERM waits for all of them before the save.
+        jax.block_until_ready(pending[-2])
       is_last = step == total_steps
       if step in step_drops:
         writer.write(step, 'lr_drop', {'scale': config.plateau_factor})

@@ -107,5 +107,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_devices = 0  # 0: all local devices; N: the first N (e.g. to compare counts).
   config.on_nonfinite = 'stop'  # 'stop' the run, or 'skip' the step and count it.
   config.allow_config_change = False  # Resume a workdir written with another config.
-  config.init_from = ml_collections.FieldReference(None, field_type=str)  # Weights to start from.
+  # Weights a fresh run starts from (the workdir's own checkpoints win on a rerun): an .npz of
+  # `alexnet_jax.convert`, a torch .pth state_dict (torchvision's names), or a workdir of this
+  # project. fc8 stays freshly initialised when its class count differs. None: the paper's
+  # training from scratch.
+  config.init_from = ml_collections.FieldReference(None, field_type=str)
   return config

@@ -32,20 +32,25 @@ def env(tmp_path_factory):
           'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 
+def main_command(workdir, *flags) -> list[str]:
+  """The command line of a TINY run of main in `workdir`; later flags override earlier ones."""
+  return [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}', *TINY, *flags]
+
+
 def run_main(workdir, *flags, env, timeout=600):
   """Runs main to completion; its stderr is also kept in WORKDIR.stderr.txt for post-mortems."""
-  result = subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}', *TINY, *flags],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+  result = subprocess.run(main_command(workdir, *flags), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout, check=False)
   pathlib.Path(f'{workdir}.stderr.txt').write_text(result.stderr)
   return result
 
 
-def final_params(workdir) -> dict[str, np.ndarray]:
-  """The params of the newest checkpoint, as flat numpy arrays keyed by path."""
+def final_params(workdir, step: int | None = None) -> dict[str, np.ndarray]:
+  """The state of the newest checkpoint (or of `step`), as flat numpy arrays keyed by path."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   directory = pathlib.Path(workdir) / 'checkpoints'
-  step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+  if step is None:
+    step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit())
   with ocp.StandardCheckpointer() as checkpointer:
     tree = checkpointer.restore(directory / str(step) / 'state')
   flat = {}
@@ -91,10 +96,8 @@ def test_second_run_resumes_at_saved_step(tmp_path, env):
 
 
 def _start(workdir, env, *flags):
-  return subprocess.Popen(
-      [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}', *TINY,
-       '--config.num_train_steps=12', *flags], cwd=REPO, env=env,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  return subprocess.Popen(main_command(workdir, '--config.num_train_steps=12', *flags), cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _wait_for(predicate, process, timeout=300):

@@ -1,0 +1,106 @@
+"""What the commands (main, evaluate, predict) share: start-up, flag parsing and user errors.
+
+A user's mistake (bad flag, missing data or checkpoint) costs one clear line and a non-zero
+exit status, never a traceback.
+"""
+
+import contextlib
+import logging as logging_std
+import os
+import sys
+from typing import Iterator, NamedTuple
+
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from alexnet_jax import checkpointing
+from alexnet_jax import train
+
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, for multi-process runs that JAX '
+    'does not detect itself (SLURM, Open MPI and TPU pods are detected).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
+
+# Errors that are the user's to fix: one line of explanation, exit status 1, no traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError,
+               train.NonFiniteError)
+
+
+class ModelFlags(NamedTuple):
+  """The flags of the commands that use a trained model (evaluate, predict)."""
+  workdir: flags.FlagHolder
+  config: flags.FlagHolder
+  checkpoint: flags.FlagHolder
+  init_from: flags.FlagHolder
+
+
+def define_model_flags() -> ModelFlags:
+  """Defines --workdir, --config, --checkpoint and --init_from; returns their holders."""
+  return ModelFlags(
+      workdir=flags.DEFINE_string('workdir', None, 'Workdir of a training run.', required=True),
+      config=config_flags.DEFINE_config_file(
+          'config', None, 'Config file; default: the config.json the run saved in --workdir.',
+          lock_config=True),
+      checkpoint=flags.DEFINE_string(
+          'checkpoint', 'latest', "Checkpoint of --workdir: a step, 'latest' or 'best' (by "
+          'validation top-1).'),
+      init_from=flags.DEFINE_string(
+          'init_from', None, 'Use these weights instead of a checkpoint: an .npz of '
+          'alexnet_jax.convert or a torch .pth state_dict.'))
+
+
+def _initialize_distributed() -> None:
+  """Joins a multi-process run when flags or the cluster environment describe one."""
+  if _COORDINATOR.value or _NUM_PROCESSES.value:
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+    jax.distributed.initialize()
+
+
+class _QuietOrbax(logging_std.Filter):
+  """Drops Orbax's per-save INFO chatter (dozens of lines a checkpoint); keeps its warnings."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """Parses the command line; a bad flag, config file or config field is one line, exit 2."""
+  try:
+    remaining = flags.FLAGS(argv)
+    if flags.FLAGS.config is not None:
+      flags.FLAGS.config.keys()  # A config file that failed to load raises on first use: here.
+    return remaining
+  except flags.Error as e:
+    message, about_config = str(e), '--config' in str(e)
+  except Exception as e:  # pylint: disable=broad-except
+    # config_flags reports missing files and unknown fields as OSError/AttributeError.
+    message, about_config = f'{type(e).__name__}: {e}'.replace('\n', ' '), True
+  hint = ('\nEach --config.FIELD must exist in the config file; see configs/*.py.'
+          if about_config else '')
+  sys.stderr.write(f'{argv[0]}: bad command line: {message}{hint}\n')
+  raise SystemExit(2)
+
+
+def start() -> None:
+  """Starts a command: quiets Orbax, joins a multi-process run, logs on process 0 only."""
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  _initialize_distributed()
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)
+  logging.info('JAX %s on %d processes; local devices: %s', jax.__version__,
+               jax.process_count(), jax.local_devices())
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """Turns a `USER_ERRORS` exception into one logged line and exit status 1."""
+  try:
+    yield
+  except USER_ERRORS as e:
+    logging.error('%s: %s', type(e).__name__, e)
+    raise SystemExit(1) from None

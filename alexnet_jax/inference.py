@@ -1,0 +1,77 @@
+"""The trained model that evaluation and prediction use: its config and its weights.
+
+The config is the one the training run saved in its workdir unless one is given. The weights
+come from a checkpoint of the workdir ('latest', 'best' or a step; see
+`checkpointing.restore`) or from a weights file (see `convert.load_params`).
+"""
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+
+from alexnet_jax import checkpointing
+from alexnet_jax import config_checks
+from alexnet_jax import convert
+from alexnet_jax import train
+
+
+def load_config(config: ml_collections.ConfigDict | None,
+                workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+  """`config` if given, else the config the training run saved in `workdir`.
+
+  Raises:
+    FileNotFoundError: no `config`, and the workdir has no saved config.
+  """
+  if config is not None:
+    return config
+  path = pathlib.Path(workdir) / config_checks.CONFIG_FILE
+  if not path.is_file():
+    raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a training run, or '
+                            'a --config.')
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def zeros_state(config: ml_collections.ConfigDict) -> train.TrainState:
+  """A `TrainState` of `config`'s structure and shapes, all zeros: a target to restore into.
+
+  Nothing is initialised: compiling the initialisers takes longer than evaluating a small model.
+  """
+  shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+
+
+def load_state(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+               checkpoint: int | str = 'latest', init_from: str | None = None) -> train.TrainState:
+  """The host train state of a trained model.
+
+  Args:
+    config: the model's config.
+    workdir: the training run's workdir.
+    checkpoint: which of its checkpoints: a step, 'latest' or 'best' (see
+      `checkpointing.restore`).
+    init_from: a weights file (see `convert.load_params`) to use instead of a checkpoint.
+  Returns:
+    A `TrainState` whose step is the checkpoint's (0 with `init_from`); with `init_from` only
+    its params and step mean anything.
+  Raises:
+    checkpointing.CheckpointError: no such checkpoint, unreadable, or of another model.
+    ValueError: the weights file is unreadable or of another model.
+  """
+  state = zeros_state(config)
+  if init_from:
+    return state.replace(params=convert.load_params(
+        init_from, config.model.variant, config.num_classes, config.image_size))
+  directory = pathlib.Path(workdir) / checkpointing.DIRECTORY
+  if not directory.is_dir():
+    raise checkpointing.CheckpointError(f'No checkpoints in {workdir} ({directory} does not '
+                                        'exist): pass the --workdir of a training run.')
+  manager = checkpointing.create_manager(directory, config.keep_checkpoints, read_only=True)
+  try:
+    state, _ = checkpointing.restore(manager, state, checkpointing.config_to_dict(config),
+                                     checkpoint)
+  finally:
+    manager.close()
+  return state

@@ -1,0 +1,141 @@
+"""Multi-process training and device-count-independent checkpoints, end to end.
+
+Two real processes of `python -m alexnet_jax.main` on localhost (one CPU device each, gloo
+collectives) must train as one process does on the same global batch, each reading only its
+own half of it. Their checkpoint must then resume on 1 device, and that one's on 2 again.
+
+All runs have dropout off: its masks are keyed by (step, global device index), so they differ
+between device counts by design and only dropout-free runs have one result to compare with.
+"""
+
+import pathlib
+import shutil
+import socket
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from test_main import env  # pylint: disable=unused-import  # The fixture.
+from test_main import REPO, final_params, main_command, run_main
+
+STEPS = 2  # Steps of each run: 2 processes, then 1 device, then 2 devices.
+# num_devices=0: all the devices XLA_FLAGS gives. A constant learning rate, since cosine decays
+# over num_train_steps and would tie the schedule to where each run stops; no warmup, so that
+# every step moves the params by a full learning rate.
+FLAGS = ['--config.num_devices=0', '--config.model.dropout_rate=0.0',
+         '--config.lr_schedule=constant', '--config.warmup_epochs=0',
+         f'--config.checkpoint_every_steps={STEPS}', '--config.keep_checkpoints=3']
+
+
+def with_devices(env, count: int) -> dict[str, str]:
+  """`env` with `count` CPU devices per process and gloo for collectives across processes."""
+  # gloo is already JAX 0.10's default on CPU; named so that a changed default shows here.
+  return {**env, 'XLA_FLAGS': f'--xla_force_host_platform_device_count={count}',
+          'JAX_CPU_COLLECTIVES_IMPLEMENTATION': 'gloo'}
+
+
+def free_port() -> int:
+  """A localhost TCP port that nothing listens on now (the OS picks it)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_processes(workdirs, *flags, env, timeout=420) -> tuple[list[int], str]:
+  """Runs main as processes 0, 1, ... of one run, process i in `workdirs[i]`.
+
+  Returns:
+    The exit codes (negative: killed) and the tails of the logs, each also in WORKDIR.log.
+    A process that fails or outlives `timeout` takes the others down with it: waiting on a
+    dead peer's collective would otherwise hang. None is left running on return, which also
+    frees the coordinator's port.
+  """
+  coordinator = [f'--coordinator_address=127.0.0.1:{free_port()}',
+                 f'--num_processes={len(workdirs)}']
+  processes = []
+  try:
+    for index, workdir in enumerate(workdirs):
+      with open(f'{workdir}.log', 'w') as log:  # A file, not a pipe: no one reads it meanwhile.
+        processes.append(subprocess.Popen(
+            main_command(workdir, *flags, *coordinator, f'--process_id={index}'), cwd=REPO,
+            env=env, stdout=log, stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + timeout
+    # Until all have exited, one has failed (non-zero; None is running) or time is up.
+    while (any(p.poll() is None for p in processes) and not any(p.poll() for p in processes)
+           and time.monotonic() < deadline):
+      time.sleep(0.2)
+  finally:
+    for process in processes:
+      process.kill()  # A no-op for one that has exited.
+      process.wait()
+  logs = '\n'.join(f'--- process {i}:\n' + pathlib.Path(f'{w}.log').read_text()[-3000:]
+                   for i, w in enumerate(workdirs))
+  return [p.returncode for p in processes], logs
+
+
+def assert_params_close(a, b):
+  """Same step and params up to float32 summation order (1 or 2 devices, 1 or 2 processes)."""
+  assert int(a['/step']) == int(b['/step'])
+  keys = [k for k in a if k.startswith('/params/')]
+  assert keys
+  for key in keys:
+    # atol: a few float32 ulps of the largest weights (~0.4), for the entries near zero.
+    np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory, env):
+  """One process on 2 devices, 3 * STEPS steps uninterrupted, a checkpoint every STEPS."""
+  workdir = tmp_path_factory.mktemp('reference')
+  result = run_main(workdir, *FLAGS, f'--config.num_train_steps={3 * STEPS}',
+                    env=with_devices(env, 2))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, env):
+  """A STEPS-step run of 2 processes with 1 device each: (workdir, process 1's workdir).
+
+  Process 1 has a workdir of its own whose checkpoints/ links to process 0's (Orbax needs one
+  directory that all processes see), so anything else it writes shows up there.
+  """
+  root = tmp_path_factory.mktemp('two_processes')
+  workdir, workdir1 = root / 'run', root / 'process1'
+  (workdir / 'checkpoints').mkdir(parents=True)
+  workdir1.mkdir()
+  (workdir1 / 'checkpoints').symlink_to(workdir / 'checkpoints')
+  codes, logs = run_processes([workdir, workdir1], *FLAGS, f'--config.num_train_steps={STEPS}',
+                              env=with_devices(env, 1))
+  assert codes == [0, 0], logs
+  return workdir, workdir1
+
+
+def test_two_processes_train_as_one_process_on_the_same_global_batch(two_processes, reference):
+  workdir, _ = two_processes
+  log = pathlib.Path(f'{workdir}.log').read_text()
+  assert 'on 2 processes' in log and 'on 2 devices' in log
+  assert_params_close(final_params(workdir), final_params(reference, step=STEPS))
+
+
+def test_only_process_0_writes_logs_and_summaries(two_processes):
+  workdir, workdir1 = two_processes
+  assert [p.name for p in workdir1.iterdir()] == ['checkpoints']
+  assert {'metrics.jsonl', 'tensorboard', 'final_metrics.json', 'model_summary.txt',
+          'config.json', 'curves.png'} <= {p.name for p in workdir.iterdir()}
+  assert f'[{STEPS}] train' in pathlib.Path(f'{workdir}.log').read_text()
+  assert f'[{STEPS}] train' not in pathlib.Path(f'{workdir1}.log').read_text()
+
+
+def test_checkpoint_resumes_on_another_device_count(two_processes, reference, tmp_path, env):
+  workdir = tmp_path / 'run'
+  shutil.copytree(two_processes[0], workdir)  # Saved on 2 devices (of 2 processes).
+  for devices, steps in ((1, 2 * STEPS), (2, 3 * STEPS)):
+    result = run_main(workdir, *FLAGS, f'--config.num_train_steps={steps}',
+                      env=with_devices(env, devices))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'Resuming from the checkpoint at step {steps - STEPS}.' in result.stderr
+    assert f'on {devices} devices' in result.stderr
+  assert_params_close(final_params(workdir), final_params(reference))

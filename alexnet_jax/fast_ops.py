@@ -46,12 +46,13 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
       dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
       precision=precision, **kwargs)
-  plain = (dimension_numbers in (_NHWC, None) and lhs.ndim == 4 and not kwargs
-           and all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
-           and not isinstance(padding, str))
-  if dimension_numbers is None and plain:
-    plain = False  # lax's default is NCHW; only the layout nn.Conv passes is handled.
-  if not plain:
+  undilated = all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
+  # Compared in lax's canonical form: nn.Conv passes ConvDimensionNumbers, not strings, and
+  # lax's default (None) is NCHW. Only NHWC/HWIO is handled.
+  nhwc = (dimension_numbers is not None and lhs.ndim == 4 and
+          lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
+          lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
+  if not nhwc or kwargs or not undilated or isinstance(padding, str):
     return lax_conv(lhs, rhs)
   strides = tuple(window_strides)
   padding = tuple(tuple(p) for p in padding)

@@ -87,3 +87,14 @@ def test_max_pool_gradient_goes_to_first_maximum(size):
                                 tx.grad.numpy().transpose(0, 2, 3, 1))
   # Every output's gradient lands exactly once, ties or not.
   assert float(jnp.sum(jax.grad(loss(fast_pool))(x))) == float(jnp.sum(weights))
+
+
+def test_model_convolutions_take_the_cpu_path():
+  # nn.Conv passes ConvDimensionNumbers, not layout strings; the fast path must recognise them.
+  x = jnp.zeros((1, 9, 9, 4))
+  conv = nn.Conv(6, (3, 3), padding=[(1, 1)] * 2, feature_group_count=2,
+                 conv_general_dilated=fast_ops.conv_general_dilated)
+  params = conv.init(jax.random.PRNGKey(0), x)
+  jaxpr = str(jax.make_jaxpr(conv.apply)(params, x))
+  # The CPU branch: one custom-gradient convolution per group.
+  assert jaxpr.count('custom_vjp_call') == 2

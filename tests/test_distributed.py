@@ -76,13 +76,30 @@ def run_processes(workdirs, *flags, env, timeout=420) -> tuple[list[int], str]:
 
 
 def assert_params_close(a, b):
-  """Same step and params up to float32 summation order (1 or 2 devices, 1 or 2 processes)."""
+  """Same step and params up to float32 rounding: for runs with the same per-device batches."""
   assert int(a['/step']) == int(b['/step'])
   keys = [k for k in a if k.startswith('/params/')]
   assert keys
   for key in keys:
     # atol: a few float32 ulps of the largest weights (~0.4), for the entries near zero.
     np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-7, err_msg=key)
+
+
+def assert_same_training(a, b, *, start):
+  """`a` and `b` moved the same way from `start`: per array, |a - b| <= 5% of |b - start|.
+
+  Runs whose per-device batch differs sum gradients in another order, and training amplifies
+  those float32 roundings (a ReLU or max-pool choice flips, digits have many exact ties). Two
+  uninterrupted 6-step runs on 1 and on 2 devices differ by up to 1.7% of how far training
+  moved an array (measured; conv4/bias), the resumed runs below by 0.4%. By estimate, a lost
+  momentum buffer would be ~50% (momentum 0.9 carries about half of steps 3-6), a wrong batch ~100%.
+  """
+  assert int(a['/step']) == int(b['/step'])
+  keys = [k for k in a if k.startswith('/params/')]
+  assert keys
+  for key in keys:
+    moved = np.linalg.norm(b[key] - start[key])
+    assert np.linalg.norm(a[key] - b[key]) <= 0.05 * moved, key
 
 
 @pytest.fixture(scope='module')
@@ -138,4 +155,5 @@ def test_checkpoint_resumes_on_another_device_count(two_processes, reference, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Resuming from the checkpoint at step {steps - STEPS}.' in result.stderr
     assert f'on {devices} devices' in result.stderr
-  assert_params_close(final_params(workdir), final_params(reference))
+  assert_same_training(final_params(workdir), final_params(reference),
+                       start=final_params(reference, step=STEPS))

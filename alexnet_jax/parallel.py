@@ -81,8 +81,21 @@ def device_index() -> jax.Array:
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device]) -> Any:
-  """Copies a host pytree onto every device: leaves get a leading [num_devices] axis."""
-  return flax.jax_utils.replicate(tree, devices)
+  """Copies a host pytree onto every device: leaves get a leading [num_devices] axis.
+
+  The arrays carry the sharding that `pmap` gives its outputs (the device axis split over a
+  mesh of all processes' devices). `flax.jax_utils.replicate` gives another one, so the step's
+  second call, on its own outputs, missed the compilation cache and compiled it all again.
+  """
+  everywhere = _all_processes(devices)
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(everywhere), (AXIS_NAME,)),
+                                        jax.sharding.PartitionSpec(AXIS_NAME))
+
+  def put(leaf):
+    leaf = np.asarray(leaf)[None]
+    return jax.make_array_from_single_device_arrays(
+        (len(everywhere),) + leaf.shape[1:], sharding, [jax.device_put(leaf, d) for d in devices])
+  return jax.tree.map(put, tree)
 
 
 def unreplicate(tree: Any) -> Any:

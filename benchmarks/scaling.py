@@ -10,10 +10,18 @@ On a multi-GPU host the same table shows real scaling.
     python benchmarks/scaling.py --variant=torchvision --devices=1,2,4 --batches=32,64
     python benchmarks/scaling.py --devices=1 --batches=64,128,256,512 --dtype=bfloat16  # GPU
 
-Takes train_step.py's --variant, --mode, --dtype, --rounds, --steps and --warmup. Not yet
-measured here: the input pipeline alone and pipeline plus step together.
+With --data_dir (an image folder in the ImageNet layout, e.g. shared/data/imagenette2-224), it
+also times, per batch size, the tf.data training pipeline alone (the paper's augmentation) and
+the train step fed by it through `parallel.prefetch_to_device`, as the training loop feeds it:
+the slower of the two is the bottleneck, and on CPU the two share the same cores.
+
+    python benchmarks/scaling.py --devices=1,2 --batches=32,64 \
+        --data_dir=../shared/data/imagenette2-224
+
+Takes train_step.py's --variant, --mode, --dtype, --rounds, --steps and --warmup.
 """
 
+from collections.abc import Callable
 import os
 import statistics
 import time
@@ -30,19 +38,23 @@ from absl import flags
 import jax
 
 import train_step  # benchmarks/train_step.py: its flags, config, state and step runner.
+
+from alexnet_jax import data_sources
+from alexnet_jax import input_pipeline
+from alexnet_jax import parallel
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
                              'Device counts to time (each <= the local device count).')
 _BATCHES = flags.DEFINE_list('batches', ['64'], 'Global batch sizes to time.')
+_DATA_DIR = flags.DEFINE_string(
+    'data_dir', None, 'Image folder (DIR/train/<class>/<image>): also time the input pipeline '
+    'alone and the train step fed by it (train mode only).')
 FLAGS = flags.FLAGS
 
 
-def measure(num_devices: int, batch_size: int) -> float:
-  """Median images/s of the step on `num_devices` devices at global batch `batch_size`."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
-  run = train_step.jax_runner(config, FLAGS.mode, train_step.make_batch(config),
-                              train_step.create_state(config, FLAGS.mode))
+def median_rate(run: Callable[[int], None], batch_size: int) -> float:
+  """Median images/s of run(FLAGS.steps) over FLAGS.rounds rounds, after FLAGS.warmup steps."""
   run(FLAGS.warmup)
   seconds = []
   for _ in range(FLAGS.rounds):
@@ -50,6 +62,49 @@ def measure(num_devices: int, batch_size: int) -> float:
     run(FLAGS.steps)
     seconds.append(time.perf_counter() - start)
   return batch_size * FLAGS.steps / statistics.median(seconds)
+
+
+def measure(num_devices: int, batch_size: int) -> float:
+  """Images/s of the step alone, on device-resident data."""
+  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
+  return median_rate(train_step.jax_runner(config, FLAGS.mode, train_step.make_batch(config),
+                                           train_step.create_state(config, FLAGS.mode)),
+                     batch_size)
+
+
+def folder_config(num_devices: int, batch_size: int):
+  """The benchmark's config reading the training split of the image folder --data_dir."""
+  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
+  config.dataset, config.data_dir, config.train_split = 'folder', _DATA_DIR.value, 'train'
+  config.eval_split = 'train'  # Nothing is evaluated; the folder needs no other split.
+  config.num_classes = len(data_sources.get_source(config).class_names)
+  return config
+
+
+def measure_pipeline(batch_size: int) -> float:
+  """Images/s of the tf.data training pipeline alone (host batches, no device)."""
+  batches = input_pipeline.create_train_iterator(folder_config(1, batch_size))
+
+  def run(n: int) -> None:
+    for _ in range(n):
+      next(batches)
+  return median_rate(run, batch_size)
+
+
+def measure_fed(num_devices: int, batch_size: int) -> float:
+  """Images/s of the train step fed by the pipeline, as the training loop feeds it."""
+  config = folder_config(num_devices, batch_size)
+  devices = parallel.select_devices(num_devices)
+  step = train_step.jax_step(config, 'train', devices)
+  batches = parallel.prefetch_to_device(input_pipeline.create_train_iterator(config),
+                                        config.prefetch_to_device, devices)
+  replicated = [parallel.replicate(train_step.create_state(config, 'train'), devices)]
+
+  def run(n: int) -> None:
+    for _ in range(n):
+      replicated[0], metrics = step(replicated[0], next(batches))
+    jax.block_until_ready(metrics)
+  return median_rate(run, batch_size)
 
 
 def parse_counts(values: list[str], name: str) -> list[int]:
@@ -76,20 +131,30 @@ def main(argv: list[str]) -> None:
   print(f'{FLAGS.variant} {FLAGS.mode}, {FLAGS.dtype}, {train_step.machine()}, '
         f'{train_step.versions()}, {time.strftime("%Y-%m-%d %H:%M")}, 1-min load '
         f'{os.getloadavg()[0]:.1f}; {FLAGS.rounds} rounds x {FLAGS.steps} steps')
-  print('| devices | global batch | per-device batch | images/s | vs 1 device, same global '
-        'batch |\n|---|---|---|---|---|')
-  single = {}
+  with_data = _DATA_DIR.value is not None
+  if with_data and FLAGS.mode != 'train':
+    raise ValueError('--data_dir times the training pipeline: use it with --mode=train.')
+  print('| devices | global batch | per-device batch | step alone img/s | vs 1 device, same '
+        'global batch |' + (' pipeline alone img/s | step fed by the pipeline img/s |'
+                            if with_data else ''))
+  print('|---' * (7 if with_data else 5) + '|')
+  single, pipeline = {}, {}
   for batch_size in batches:
     for count in devices:
       if batch_size % count:
-        print(f'| {count} | {batch_size} | - | not divisible | - |')
+        print(f'| {count} | {batch_size} | - | not divisible | - |' + (' - | - |' * with_data))
         continue
       rate = measure(count, batch_size)
       if count == 1:
         single[batch_size] = rate
       base = single.get(batch_size)
-      print(f'| {count} | {batch_size} | {batch_size // count} | {rate:.1f} | '
-            f'{"-" if base is None else f"{rate / base:.2f}"} |', flush=True)
+      row = (f'| {count} | {batch_size} | {batch_size // count} | {rate:.1f} | '
+             f'{"-" if base is None else f"{rate / base:.2f}"} |')
+      if with_data:
+        if batch_size not in pipeline:
+          pipeline[batch_size] = measure_pipeline(batch_size)
+        row += f' {pipeline[batch_size]:.1f} | {measure_fed(count, batch_size):.1f} |'
+      print(row, flush=True)
   print(f'1-min load after: {os.getloadavg()[0]:.1f}')
 
 

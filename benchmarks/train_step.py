@@ -119,19 +119,27 @@ def create_state(config, mode: str):
   return state.replace(opt_state=None) if mode == 'eval' else state
 
 
+def jax_step(config, mode: str, devices):
+  """The loop's pmapped `train.train_step` (state donated) or `train.eval_step`.
+
+  Returns:
+    step(replicated_state, device_batch): (state, metrics) in train mode, metrics in eval.
+  """
+  parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
+  if mode == 'eval':
+    return parallel.pmap(train.eval_step, devices)
+  return parallel.pmap(functools.partial(
+      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1)),
+      devices, donate_state=True)
+
+
 def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
   """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
   devices = parallel.select_devices(config.num_devices)
-  parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
-  if mode == 'eval':
-    batch = {k: batch[k] for k in ('image', 'label', 'mask')}
-    step = parallel.pmap(train.eval_step, devices)
-  else:
-    batch = {k: batch[k] for k in ('image', 'label')}
-    step = parallel.pmap(functools.partial(
-        train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1)),
-        devices, donate_state=True)
-  device_batch = next(parallel.prefetch_to_device(iter([batch]), 1, devices))
+  step = jax_step(config, mode, devices)
+  keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'label')
+  device_batch = next(parallel.prefetch_to_device(iter([{k: batch[k] for k in keys}]), 1,
+                                                  devices))
   replicated = [parallel.replicate(state, devices)]
 
   def run(n: int) -> None:

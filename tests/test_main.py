@@ -119,7 +119,8 @@ def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path, env, uninterrup
   assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
 
 
-def test_sigterm_saves_at_step_boundary_and_exits_143(tmp_path, env):
+def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bit_exactly(tmp_path, env,
+                                                                         uninterrupted):
   process = _start(tmp_path, env)
   _wait_for(lambda: (tmp_path / 'metrics.jsonl').exists(), process)  # Training has begun.
   process.send_signal(signal.SIGTERM)
@@ -131,7 +132,9 @@ def test_sigterm_saves_at_step_boundary_and_exits_143(tmp_path, env):
   assert step < 12
   assert int(final_params(tmp_path)['/step']) == step
   rerun = run_main(tmp_path, '--config.num_train_steps=12', env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert f'Resuming from the checkpoint at step {step}' in rerun.stderr, rerun.stderr[-3000:]
+  assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
 
 
 @pytest.mark.parametrize('flags,message', [

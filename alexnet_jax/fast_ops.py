@@ -5,12 +5,13 @@ values and gradients against both and against PyTorch), different programs. On a
 (jax 0.10.2, batch 64, 224 px) we measured:
   - grouped convolution (`feature_group_count=2`): 5-9x slower than two convolutions on the
     halves, forward and backward (conv2 fwd+bwd 8.0 s grouped vs 4.2 s split);
-  - the weight gradient of a stride-1 convolution, which XLA emits as one convolution whose
-    "kernel" is the whole output gradient: 4x slower than k*k matrix products over shifted
-    input windows (conv2 half 1.77 s vs 0.43 s);
+  - the weight gradient, which XLA emits as one convolution whose "kernel" is the whole
+    output gradient: 4-5x slower than one matrix product per kernel row over contiguous
+    windows of the input (conv2 half 1.77 s vs ~0.3 s; conv1, strided, 0.9 s vs 0.55 s after
+    space-to-depth);
   - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
-So on CPU we split groups, take stride-1 weight gradients as shifted matmuls and route the
-max-pool gradient with comparisons and strided pads. Other platforms keep XLA's own ops
+So on CPU we split groups, take weight gradients as matrix products and route the max-pool
+gradient with comparisons and strided pads. Other platforms keep XLA's own ops
 (`lax.platform_dependent`), which cuDNN serves well (docs/benchmarks_gpu.md).
 """
 
@@ -84,18 +85,19 @@ def _conv_bwd(strides, padding, precision, residuals, g):
   x, w = residuals
   conv = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=padding,
                            dimension_numbers=_NHWC, precision=precision)
-  _, vjp = jax.vjp(conv, x, w)
-  if strides != (1, 1):
-    return vjp(g)
-  grad_x, _ = vjp(g)
-  return grad_x, _shifted_weight_grad(x, g, w.shape, padding, precision)
+  _, vjp = jax.vjp(lambda x: conv(x, w), x)
+  grad_x, = vjp(g)  # Unused for the first layer (the images): XLA drops it.
+  return grad_x, _weight_grad(x, g, w.shape, strides, padding, precision)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _shifted_weight_grad(x, g, kernel_shape, padding, precision):
-  """dL/dw[i, j] = sum over n, h, w of x_pad[n, h + i, w + j, :]^T g[n, h, w, :] (stride 1).
+def _weight_grad(x, g, kernel_shape, strides, padding, precision):
+  """dL/dw of an NHWC/HWIO convolution as a few large matrix products.
+
+  A strided convolution is first rewritten as a stride-1 one (space-to-depth): the input's
+  s x s phases become channels, and the kernel's taps regroup into ceil(k / s) per phase.
 
   Args:
     x: [N, H, W, C_in] input; g: [N, H', W', C_out] output gradient.
@@ -103,15 +105,53 @@ def _shifted_weight_grad(x, g, kernel_shape, padding, precision):
     [kh, kw, C_in, C_out].
   """
   kh, kw = kernel_shape[:2]
+  sh, sw = strides
+  n, oh, ow, o = g.shape
+  c = x.shape[3]
   xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  n, oh, ow, _ = g.shape
-  rows = []
-  for i in range(kh):
-    row = [jnp.einsum('nhwc,nhwo->co', lax.slice(xp, (0, i, j, 0), (n, i + oh, j + ow, x.shape[3])),
-                      g, precision=precision)
-           for j in range(kw)]
-    rows.append(jnp.stack(row))
-  return jnp.stack(rows).astype(x.dtype)
+  if (sh, sw) == (1, 1):
+    return _stride1_weight_grad(xp, g, kh, kw, precision)
+  th, tw = -(-kh // sh), -(-kw // sw)  # Taps per phase.
+  h2, w2 = oh + th - 1, ow + tw - 1
+  # Crop or zero-pad to whole phases: rows past s * h2 never meet a kernel tap.
+  xp = lax.pad(xp[:, :sh * h2, :sw * w2], jnp.zeros((), xp.dtype),
+               ((0, 0, 0), (0, max(0, sh * h2 - xp.shape[1]), 0),
+                (0, max(0, sw * w2 - xp.shape[2]), 0), (0, 0, 0)))
+  phases = xp.reshape(n, h2, sh, w2, sw, c).transpose(0, 1, 3, 2, 4, 5)
+  grad = _stride1_weight_grad(phases.reshape(n, h2, w2, sh * sw * c), g, th, tw, precision)
+  grad = grad.reshape(th, tw, sh, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
+  return grad.reshape(th * sh, tw * sw, c, o)[:kh, :kw]
+
+
+def _stride1_weight_grad(xp, g, kh, kw, precision):
+  """dL/dw[i, j] = sum over n, h, w of xp[n, h + i, w + j, :]^T g[n, h, w, :] (stride 1).
+
+  In a [C, Hp * Wp, N] layout of the padded input, the window of tap (i, j) is one contiguous
+  slice starting at i * Wp + j, if the output gradient is widened to Wp columns with zeros
+  (they cancel the columns that wrap around). Each kernel row is then one matrix product of
+  [kw * C, H' * Wp * N] by [H' * Wp * N, C_out]: long contiguous copies and a large product,
+  where XLA:CPU's own weight-gradient convolution is 4-5x slower.
+
+  Args:
+    xp: [N, Hp, Wp, C_in] padded input; g: [N, Hp - kh + 1, Wp - kw + 1, C_out].
+  Returns:
+    [kh, kw, C_in, C_out].
+  """
+  n, oh, ow, o = g.shape
+  hp, wp, c = xp.shape[1:]
+  rows = oh * wp
+  flat = jnp.pad(xp.transpose(3, 1, 2, 0).reshape(c, hp * wp, n), ((0, 0), (0, kw - 1), (0, 0)))
+  g_flat = jnp.pad(g, ((0, 0), (0, 0), (0, wp - ow), (0, 0))).transpose(1, 2, 0, 3)
+  g_flat = g_flat.reshape(rows * n, o)
+
+
+  def kernel_row(_, i):
+    # A loop, not unrolled: one row's windows are alive at a time (tens of MB each).
+    windows = jnp.stack([lax.dynamic_slice_in_dim(flat, i * wp + j, rows, axis=1)
+                         for j in range(kw)])
+    return None, jnp.dot(windows.reshape(kw * c, rows * n), g_flat,
+                         precision=precision).reshape(kw, c, o)
+  return lax.scan(kernel_row, None, jnp.arange(kh))[1].astype(xp.dtype)
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

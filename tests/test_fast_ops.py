@@ -35,9 +35,11 @@ def _torch_conv_grads(x, w, stride, pad, groups, cotangent):
           tw.grad.numpy().transpose(2, 3, 1, 0))
 
 
-# (size, c_in, c_out, kernel, stride, pad, groups): conv1, conv2 and conv4 of the paper, small.
+# (size, c_in, c_out, kernel, stride, pad, groups): conv1, conv2 and conv4 of the paper, small;
+# then strided ones whose padded input must be zero-padded (15) or cropped (30) to whole
+# stride phases for the space-to-depth weight gradient.
 _CONVS = [(23, 3, 8, 11, 4, 2, 1), (9, 6, 8, 5, 1, 2, 2), (7, 8, 6, 3, 1, 1, 2),
-          (7, 4, 5, 3, 1, 1, 1)]
+          (7, 4, 5, 3, 1, 1, 1), (15, 3, 4, 5, 2, 1, 1), (30, 2, 3, 3, 4, 0, 1)]
 
 
 @pytest.mark.parametrize('size,c_in,c_out,kernel,stride,pad,groups', _CONVS)

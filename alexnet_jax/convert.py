@@ -222,9 +222,24 @@ def load_npz(path: str | os.PathLike[str]) -> Params:
 
 
 def _read_weights(path: pathlib.Path, variant: str, image_size: int) -> Params:
-  """Params from an .npz, a torch .pth/.pt state_dict, or a workdir or checkpoint directory."""
+  """Params from an .npz, a torch .pth/.pt state_dict, or a workdir or checkpoint directory.
+
+  Raises:
+    FileNotFoundError: there is no such file.
+    ValueError: the file cannot be read; the message names it.
+  """
   if not path.exists():
     raise FileNotFoundError(f'init_from={str(path)!r} does not exist.')
+  try:
+    return _read_existing_weights(path, variant, image_size)
+  except (FileNotFoundError, ValueError):
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # A damaged or foreign file fails deep in numpy, torch or Orbax, often without its name.
+    raise ValueError(f'Cannot use init_from={str(path)!r}: {type(e).__name__}: {e}') from e
+
+
+def _read_existing_weights(path: pathlib.Path, variant: str, image_size: int) -> Params:
   if path.is_dir():
     return checkpointing.read_params(path)[1]
   if path.suffix == '.npz':
@@ -296,13 +311,7 @@ def load_params(path: str | os.PathLike[str], variant: str, num_classes: int,
     ValueError: the file cannot be read, or a parameter is missing, unexpected or mis-shaped.
   """
   path = pathlib.Path(path)
-  try:
-    params = _read_weights(path, variant, image_size)
-  except FileNotFoundError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except
-    # A damaged or foreign file fails deep in numpy, torch or Orbax, often without its name.
-    raise ValueError(f'Cannot use init_from={str(path)!r}: {e}') from e
+  params = _read_weights(path, variant, image_size)
   flat = traverse_util.flatten_dict(flax.core.unfreeze(params), sep='/')
   expected = _flax_shapes(variant, num_classes, image_size)
   what = f'init_from={str(path)!r} for the {variant!r} AlexNet with {num_classes} classes'

@@ -99,6 +99,17 @@ def test_torch_state_dict_gives_the_converted_params(tmp_path, variant):
   jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
+def test_a_damaged_init_from_file_stops_main_with_one_line(tmp_path, env, imagenet_npz):
+  damaged = tmp_path / 'damaged.npz'
+  damaged.write_bytes(imagenet_npz.read_bytes()[:4096])  # A download cut short.
+  result = run_main(tmp_path / 'run', f'--config.init_from={damaged}', env=env, timeout=300)
+  assert result.returncode == 1
+  assert f"Cannot use init_from='{damaged}'" in result.stderr
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  assert not (tmp_path / 'run' / 'checkpoints').exists() or not any(
+      (tmp_path / 'run' / 'checkpoints').iterdir())
+
+
 @pytest.mark.parametrize('mismatch,message', [
     ('built for 96 px',  # pool5 is then 2x2x256.
      r"init_from='.*npz' has mis-shaped arrays: fc6/kernel: got \(1024, 4096\), expected "

@@ -226,28 +226,25 @@ def _read_weights(path: pathlib.Path, variant: str, image_size: int) -> Params:
 
   Raises:
     FileNotFoundError: there is no such file.
-    ValueError: the file cannot be read; the message names it.
+    ValueError: the file is of none of these kinds or cannot be read; the message names it.
+    checkpointing.CheckpointError: a directory without a usable checkpoint.
   """
   if not path.exists():
     raise FileNotFoundError(f'init_from={str(path)!r} does not exist.')
+  if not path.is_dir() and path.suffix not in ('.npz', '.pth', '.pt'):
+    raise ValueError(f'init_from={str(path)!r} is neither an .npz, a .pth/.pt state_dict nor '
+                     f'a training workdir or checkpoint directory.')
   try:
-    return _read_existing_weights(path, variant, image_size)
-  except (FileNotFoundError, ValueError):
+    if path.is_dir():
+      return checkpointing.read_params(path)[1]
+    if path.suffix == '.npz':
+      return load_npz(path)
+    return torch_state_dict_to_flax(path, variant, image_size)
+  except checkpointing.CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except
     # A damaged or foreign file fails deep in numpy, torch or Orbax, often without its name.
     raise ValueError(f'Cannot use init_from={str(path)!r}: {type(e).__name__}: {e}') from e
-
-
-def _read_existing_weights(path: pathlib.Path, variant: str, image_size: int) -> Params:
-  if path.is_dir():
-    return checkpointing.read_params(path)[1]
-  if path.suffix == '.npz':
-    return load_npz(path)
-  if path.suffix in ('.pth', '.pt'):
-    return torch_state_dict_to_flax(path, variant, image_size)
-  raise ValueError(f'init_from={str(path)!r} is neither an .npz, a .pth/.pt state_dict nor a '
-                   f'training workdir or checkpoint directory.')
 
 
 def initial_params(path: str | os.PathLike[str], fresh: Mapping[str, Any], variant: str,

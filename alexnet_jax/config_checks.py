@@ -96,6 +96,13 @@ def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
   return flat
 
 
+def check_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> None:
+  """Raises ValueError unless config.num_classes is the dataset's class count."""
+  if dataset_classes != config.num_classes:
+    raise ValueError(f'config.num_classes={config.num_classes} but {config.dataset} has '
+                     f'{dataset_classes} classes; set --config.num_classes={dataset_classes}.')
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Writes WORKDIR/config.json on a first run; refuses a workdir of a different run.
 

@@ -3,7 +3,8 @@
 Restores a checkpoint of the workdir (--checkpoint: 'latest', 'best' by validation top-1, or a
 step) or a weights file (--init_from), runs the config's eval split with the centre crop or
 the paper's 10 crops (softmax averaged), prints top-1/top-5 accuracy, loss and per-class
-accuracy, and writes them to DIR/eval_<step>_<crops>crop.json. The config is the one the
+accuracy, and writes them to DIR/eval_step<N>_<C>crop.json (eval_<weights file>_<C>crop.json
+with --init_from). The config is the one the
 training run saved in DIR unless --config names one; then the numbers equal those the run
 logged for the same step (in DIR/metrics.jsonl), on any number of devices and processes.
 """

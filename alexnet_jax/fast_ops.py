@@ -59,8 +59,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   padding = tuple(tuple(p) for p in padding)
   cpu_conv = functools.partial(_grouped_conv, strides=strides, padding=padding,
                                groups=feature_group_count, precision=precision)
-  return lax.platform_dependent(lhs, rhs, cpu=lambda x, w: cpu_conv(x, w),
-                                default=lambda x, w: lax_conv(x, w))
+  return lax.platform_dependent(lhs, rhs, cpu=cpu_conv, default=lax_conv)
 
 
 def _grouped_conv(x: jax.Array, w: jax.Array, *, strides, padding, groups, precision):
@@ -71,10 +70,12 @@ def _grouped_conv(x: jax.Array, w: jax.Array, *, strides, padding, groups, preci
       [_conv(a, b, strides, padding, precision) for a, b in zip(xs, ws)], axis=-1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, strides, padding, precision):
+def _lax_nhwc_conv(x, w, strides, padding, precision):
   return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
                                   precision=precision)
+
+
+_conv = jax.custom_vjp(_lax_nhwc_conv, nondiff_argnums=(2, 3, 4))
 
 
 def _conv_fwd(x, w, strides, padding, precision):
@@ -83,9 +84,7 @@ def _conv_fwd(x, w, strides, padding, precision):
 
 def _conv_bwd(strides, padding, precision, residuals, g):
   x, w = residuals
-  conv = functools.partial(lax.conv_general_dilated, window_strides=strides, padding=padding,
-                           dimension_numbers=_NHWC, precision=precision)
-  _, vjp = jax.vjp(lambda x: conv(x, w), x)
+  _, vjp = jax.vjp(lambda x: _lax_nhwc_conv(x, w, strides, padding, precision), x)
   grad_x, = vjp(g)  # Unused for the first layer (the images): XLA drops it.
   return grad_x, _weight_grad(x, g, w.shape, strides, padding, precision)
 
@@ -144,7 +143,6 @@ def _stride1_weight_grad(xp, g, kh, kw, precision):
   g_flat = jnp.pad(g, ((0, 0), (0, 0), (0, wp - ow), (0, 0))).transpose(1, 2, 0, 3)
   g_flat = g_flat.reshape(rows * n, o)
 
-
   def kernel_row(_, i):
     # A loop, not unrolled: one row's windows are alive at a time (tens of MB each).
     windows = jnp.stack([lax.dynamic_slice_in_dim(flat, i * wp + j, rows, axis=1)
@@ -172,9 +170,7 @@ def _reduce_window_max(x, window, stride):
                            'VALID')
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _routed_max_pool(x, window, stride):
-  return _reduce_window_max(x, window, stride)
+_routed_max_pool = jax.custom_vjp(_reduce_window_max, nondiff_argnums=(1, 2))
 
 
 def _routed_max_pool_fwd(x, window, stride):

@@ -62,9 +62,7 @@ def get_dataset_info(config) -> DatasetInfo:
     source = data_sources.get_source(config)
     info = DatasetInfo(len(source.class_names), source.num_examples(config.train_split),
                        source.num_examples(config.eval_split), list(source.class_names))
-  if info.num_classes != config.num_classes:
-    raise ValueError(f'config.num_classes={config.num_classes} but {config.dataset} has '
-                     f'{info.num_classes} classes; set --config.num_classes={info.num_classes}.')
+  config_checks.check_num_classes(config, info.num_classes)
   return info
 
 

@@ -12,6 +12,7 @@ import pathlib
 
 import ml_collections
 
+from alexnet_jax import config_checks
 from alexnet_jax import data_sources
 
 _IMAGENET_NAMES_FILE = pathlib.Path(__file__).with_name('imagenet_class_names.txt')
@@ -44,7 +45,5 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     labels = data_sources.folder_class_names(config.data_dir, config.train_split)
   else:
     labels = data_sources.tfds_class_names(config.dataset, config.data_dir)
-  if len(labels) != config.num_classes:
-    raise ValueError(f'config.num_classes={config.num_classes} but {config.dataset} has '
-                     f'{len(labels)} classes.')
+  config_checks.check_num_classes(config, len(labels))
   return [readable(label) for label in labels]

@@ -11,7 +11,6 @@ step's time goes; docs/benchmarks.md quotes it.
 """
 
 import statistics
-import time
 from collections.abc import Callable
 
 from absl import app
@@ -25,6 +24,7 @@ import torch
 
 from alexnet_jax import fast_ops
 from alexnet_jax import models
+from benchmarks.timing import time_interleaved
 
 _VARIANT = flags.DEFINE_enum('variant', 'paper', models.VARIANTS, 'AlexNet variant.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
@@ -43,14 +43,15 @@ def _jax_conv(conv, stage, needs_input_grad: bool) -> Callable[..., jax.Array]:
   return jax.jit(jax.grad(loss, argnums=(1, 0) if needs_input_grad else 1))
 
 
-def _torch_conv(stage, x, w, needs_input_grad: bool) -> Callable[[], None]:
+def _torch_conv(stage, x, w, needs_input_grad: bool) -> Callable[[int], None]:
   tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(
       needs_input_grad)
   tw = torch.from_numpy(np.asarray(w).transpose(3, 2, 0, 1).copy()).requires_grad_(True)
-  def run():
-    y = torch.nn.functional.conv2d(tx, tw, stride=stage.stride, padding=stage.padding,
-                                   groups=stage.groups)
-    (y * y).sum().backward()
+  def run(n: int) -> None:
+    for _ in range(n):
+      y = torch.nn.functional.conv2d(tx, tw, stride=stage.stride, padding=stage.padding,
+                                     groups=stage.groups)
+      (y * y).sum().backward()
   return run
 
 
@@ -58,29 +59,27 @@ def _jax_pool(pool) -> Callable[..., jax.Array]:
   return jax.jit(jax.grad(lambda x: jnp.sum(pool(x) ** 2)))
 
 
-def _torch_pool(x) -> Callable[[], None]:
+def _torch_pool(x) -> Callable[[int], None]:
   tx = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).requires_grad_(True)
-  def run():
-    (torch.nn.functional.max_pool2d(tx, 3, 2) ** 2).sum().backward()
+  def run(n: int) -> None:
+    for _ in range(n):
+      (torch.nn.functional.max_pool2d(tx, 3, 2) ** 2).sum().backward()
   return run
 
 
-def _time(runners: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
+def _time(runners: dict[str, Callable[[int], None]], rounds: int) -> dict[str, float]:
   """Median seconds per call of each runner, warmed up once, timed in alternating order."""
-  times = {name: [] for name in runners}
   for run in runners.values():
-    run()
-  for r in range(rounds):
-    order = list(runners) if r % 2 == 0 else list(reversed(runners))
-    for name in order:
-      start = time.perf_counter()
-      runners[name]()
-      times[name].append(time.perf_counter() - start)
-  return {name: statistics.median(t) for name, t in times.items()}
+    run(1)
+  return {name: statistics.median(seconds)
+          for name, seconds in time_interleaved(runners, rounds, 1).items()}
 
 
-def _block(fn, *args) -> Callable[[], None]:
-  return lambda: jax.block_until_ready(fn(*args))
+def _block(fn, *args) -> Callable[[int], None]:
+  def run(n: int) -> None:
+    for _ in range(n):
+      jax.block_until_ready(fn(*args))
+  return run
 
 
 def profile(variant: str, batch: int, image_size: int, rounds: int) -> list[tuple[str, dict]]:

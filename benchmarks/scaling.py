@@ -42,6 +42,7 @@ import train_step  # benchmarks/train_step.py: its flags, config, state and step
 from alexnet_jax import data_sources
 from alexnet_jax import input_pipeline
 from alexnet_jax import parallel
+from benchmarks.timing import time_interleaved
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
@@ -56,11 +57,7 @@ FLAGS = flags.FLAGS
 def median_rate(run: Callable[[int], None], batch_size: int) -> float:
   """Median images/s of run(FLAGS.steps) over FLAGS.rounds rounds, after FLAGS.warmup steps."""
   run(FLAGS.warmup)
-  seconds = []
-  for _ in range(FLAGS.rounds):
-    start = time.perf_counter()
-    run(FLAGS.steps)
-    seconds.append(time.perf_counter() - start)
+  seconds = time_interleaved({'run': run}, FLAGS.rounds, FLAGS.steps)['run']
   return batch_size * FLAGS.steps / statistics.median(seconds)
 
 
@@ -77,7 +74,7 @@ def folder_config(num_devices: int, batch_size: int):
   config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
   config.dataset, config.data_dir, config.train_split = 'folder', _DATA_DIR.value, 'train'
   config.eval_split = 'train'  # Nothing is evaluated; the folder needs no other split.
-  config.num_classes = len(data_sources.get_source(config).class_names)
+  config.num_classes = len(data_sources.folder_class_names(_DATA_DIR.value, 'train'))
   return config
 
 

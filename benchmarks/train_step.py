@@ -49,6 +49,7 @@ from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
+from benchmarks.timing import time_interleaved
 from configs import imagenet
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
@@ -230,19 +231,6 @@ def torch_device() -> str:
     raise ValueError('JAX runs on a GPU but this PyTorch build sees no CUDA device; install a '
                      'CUDA build of torch, or run on CPU with JAX_PLATFORMS=cpu.')
   return 'cuda'
-
-
-def time_interleaved(runners: dict[str, Callable[[int], None]], rounds: int,
-                     steps: int) -> dict[str, list[float]]:
-  """Seconds per round of `steps` steps for each runner, runners alternating order by round."""
-  names = list(runners)
-  seconds = {name: [] for name in names}
-  for r in range(rounds):
-    for name in (names if r % 2 == 0 else names[::-1]):
-      start = time.perf_counter()
-      runners[name](steps)
-      seconds[name].append(time.perf_counter() - start)
-  return seconds
 
 
 def _proc_status_kib(field: str) -> int:

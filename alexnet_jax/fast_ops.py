@@ -7,8 +7,8 @@ values and gradients against both and against PyTorch), different programs. On a
     halves, forward and backward (conv2 fwd+bwd 8.0 s grouped vs 4.2 s split);
   - the weight gradient, which XLA emits as one convolution whose "kernel" is the whole
     output gradient: 4-5x slower than one matrix product per kernel row over contiguous
-    windows of the input (conv2 half 1.77 s vs ~0.3 s; conv1, strided, 0.9 s vs 0.55 s after
-    space-to-depth);
+    windows of the input (alone, batch 64: a conv2 half 1.59 s vs 0.23 s; conv1, stride 4,
+    0.81 s vs 0.38 s after space-to-depth);
   - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
 So on CPU we split groups, take weight gradients as matrix products and route the max-pool
 gradient with comparisons and strided pads. Other platforms keep XLA's own ops

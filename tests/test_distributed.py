@@ -92,7 +92,7 @@ def assert_same_training(a, b, *, start):
   those float32 roundings (a ReLU or max-pool choice flips, digits have many exact ties). Two
   uninterrupted 6-step runs on 1 and on 2 devices differed by up to 0.09% or up to 1.7% of how
   far training moved an array, with two versions of the conv gradient code (measured); the
-  resumed runs below by up to 0.4%. By estimate, a lost
+  resumed runs below by 1e-6 and 0.4% with the same two. By estimate, a lost
   momentum buffer would be ~50% (momentum 0.9 carries about half of steps 3-6), a wrong batch ~100%.
   """
   assert int(a['/step']) == int(b['/step'])

@@ -7,7 +7,8 @@ through create_train_iterator on an image folder; the reference is what a PyTorc
 worker does (PIL in worker processes, batches pickled back). Each is timed on one core
 (private_threadpool_size=1 / a 1-process pool) and on all cores, interleaved A B A B over
 several rounds, each round from a fresh iterator so nothing is prefetched while the other
-runs. Prints medians, their ratio and the median of the rounds' ratios.
+runs; in a round both process the same images (the epoch's order from the round's step on).
+Prints medians, their ratio and the median of the rounds' ratios.
 
   python -m benchmarks.input_pipeline --rounds=5
 """
@@ -25,6 +26,7 @@ from absl import flags
 import numpy as np
 from PIL import Image
 
+from alexnet_jax import data_sources
 from alexnet_jax import input_pipeline
 from alexnet_jax import preprocessing
 from configs import imagenet
@@ -87,15 +89,28 @@ def time_tf(config, start_step: int, num_batches: int) -> float:
   return num_batches * config.batch_size / (time.perf_counter() - start)
 
 
-def time_pil(pool, paths: list[str], batch_size: int, start_step: int,
-             num_batches: int) -> float:
-  """Images/s of PIL batches from a pool of worker processes."""
-  rng = np.random.default_rng(start_step)
-  jobs = [(list(rng.choice(paths, batch_size)), start_step + i) for i in range(num_batches)]
+def batch_paths(config, steps: range) -> list[list[str]]:
+  """The files of create_train_iterator's batches at these global steps."""
+  source = data_sources.get_source(config)
+  steps_per_epoch = source.num_examples(config.train_split) // config.batch_size
+  orders = {}
+  batches = []
+  for step in steps:
+    epoch, index = divmod(step, steps_per_epoch)
+    if epoch not in orders:
+      epoch_handles = source.handles(config.train_split, shuffle_seed=(config.seed, epoch))
+      orders[epoch] = [handle['key'].decode() for handle in epoch_handles.as_numpy_iterator()]
+    batches.append(orders[epoch][index * config.batch_size:(index + 1) * config.batch_size])
+  return batches
+
+
+def time_pil(pool, batches: list[list[str]], first_seed: int) -> float:
+  """Images/s of PIL batches of these files from a pool of worker processes."""
+  jobs = [(paths, first_seed + i) for i, paths in enumerate(batches)]
   start = time.perf_counter()
   for _ in pool.imap(pil_batch, jobs):
     pass
-  return num_batches * batch_size / (time.perf_counter() - start)
+  return sum(map(len, batches)) / (time.perf_counter() - start)
 
 
 def main(argv):
@@ -103,7 +118,6 @@ def main(argv):
   num_cores = os.cpu_count()
   with tempfile.TemporaryDirectory() as root:
     num_classes = make_folder(pathlib.Path(_PHOTOS.value), pathlib.Path(root), _COPIES.value)
-    paths = [str(p) for p in sorted(pathlib.Path(root).glob('train/*/*'))]
     configs, pools = {}, {}
     for cores in (1, num_cores):
       config = imagenet.get_config()
@@ -116,15 +130,16 @@ def main(argv):
       config.num_parallel_calls = 1 if cores == 1 else -1
       configs[cores] = config
       pools[cores] = multiprocessing.get_context('spawn').Pool(cores)
-      pools[cores].map(pil_batch, [(paths[:1], 0)] * cores)  # Start the workers.
+      time_pil(pools[cores], batch_paths(config, range(cores)), 0)  # Start the workers.
       time_tf(config, 0, 1)  # Warm up (listing, tracing).
     results = {(impl, cores): [] for impl in ('tf.data', 'PIL') for cores in configs}
     for round_ in range(_ROUNDS.value):
       for cores, config in configs.items():
         step = (round_ + 1) * (_BATCHES.value + 1)
         results['tf.data', cores].append(time_tf(config, step, _BATCHES.value))
-        results['PIL', cores].append(
-            time_pil(pools[cores], paths, _BATCH_SIZE.value, step, _BATCHES.value))
+        # tf.data's timed batches: those after the first.
+        batches = batch_paths(config, range(step + 1, step + 1 + _BATCHES.value))
+        results['PIL', cores].append(time_pil(pools[cores], batches, step + 1))
       print(f'round {round_ + 1}: ' + ', '.join(
           f'{impl} {cores} core(s) {values[-1]:.0f}' for (impl, cores), values in
           results.items()))

@@ -282,3 +282,35 @@ def test_clear_errors(image_folder, tmp_path):
   (tmp_path / 'empty' / 'train' / 'some_class').mkdir(parents=True)
   with pytest.raises(ValueError, match=str(tmp_path / 'empty' / 'train' / 'some_class')):
     input_pipeline.get_dataset_info(_folder_config(tmp_path / 'empty'))
+
+
+
+@pytest.mark.parametrize('bad_files', [False, True])
+def test_training_decodes_carefully_from_the_first_bad_batch(
+    image_folder, folder_with_bad_files, bad_files, caplog, monkeypatch):
+  """The fast map's batches equal the careful decoding's, bit for bit, and a bad file
+  switches the stream to careful decoding at its batch: nothing lost or repeated."""
+  if bad_files:
+    config = _folder_config(folder_with_bad_files, num_classes=2, batch_size=2)  # 4 steps.
+  else:
+    config = _folder_config(image_folder, batch_size=5)  # 3 steps.
+  caplog.set_level(logging.WARNING)
+  train = input_pipeline.create_train_iterator(config, start_step=1)
+  stream = _take(train, 6)
+  with monkeypatch.context() as patch:
+    patch.setattr(input_pipeline, '_fall_back_to_careful',
+                  lambda batches_from, step: batches_from(step, True))
+    careful = input_pipeline.create_train_iterator(config, start_step=1)
+    skipped = [careful.num_skipped for _ in range(6) if next(careful) is not None]
+  careful = input_pipeline.create_train_iterator(config, start_step=1)
+  for batch in stream:
+    expected = next(careful)
+    np.testing.assert_array_equal(batch['image'], expected['image'])
+    np.testing.assert_array_equal(batch['label'], expected['label'])
+  assert train.num_skipped == careful.num_skipped == skipped[-1]
+  assert (skipped[-1] > 0) == bad_files
+  if bad_files:  # Step 1 + the batches before the first skip, the first bad batch.
+    first_bad = 1 + next(k for k, num in enumerate(skipped) if num)
+    assert f'batch of step {first_bad} does not decode' in caplog.text
+  else:
+    assert 'does not decode' not in caplog.text

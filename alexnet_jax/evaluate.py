@@ -53,7 +53,8 @@ def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -
     class_names: [num_classes] names, index = label.
     **about: what was evaluated (step, crops, ...), put first.
   Returns:
-    about, then top1, top5, top1_error, top5_error, loss, count and per_class: a list of
+    about, then top1, top5, top1_error, top5_error, loss, count, skipped_images (undecodable
+    files, not in count) and per_class: a list of
     {'label', 'name', 'count', 'top1'} (top1 None for a class without examples).
   """
   per_class = [{'label': label, 'name': name, 'count': int(count),
@@ -62,7 +63,8 @@ def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -
                    class_names, metrics['per_class_count'], metrics['per_class_top1']))]
   return {**about, 'top1': metrics['top1'], 'top5': metrics['top5'],
           'top1_error': 1 - metrics['top1'], 'top5_error': 1 - metrics['top5'],
-          'loss': metrics['loss'], 'count': int(metrics['count']), 'per_class': per_class}
+          'loss': metrics['loss'], 'count': int(metrics['count']),
+          'skipped_images': metrics['skipped_images'], 'per_class': per_class}
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -70,7 +72,8 @@ def format_report(report: dict[str, Any]) -> str:
   crops = 'the centre crop' if report['crops'] == 1 else f"{report['crops']} crops"
   lines = [
       f"{report['weights']} on {report['dataset']}:{report['split']}, {report['count']} "
-      f'examples, {crops}:',
+      f'examples, {crops}' + (f" ({report['skipped_images']} undecodable images skipped)"
+                               if report['skipped_images'] else '') + ':',
       f"  top-1 accuracy {report['top1']:.4f}  (error {report['top1_error']:.4f})",
       f"  top-5 accuracy {report['top5']:.4f}  (error {report['top5_error']:.4f})",
       f"  loss {report['loss']:.4f}",

@@ -193,13 +193,14 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
 
   Returns:
     loss, top1, top5 (means over examples), count, per_class_top1 (a list, NaN for classes
-    without examples) and per_class_count (a list).
+    without examples), per_class_count (a list) and skipped_images (undecodable files this
+    process skipped; the others are not in count).
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   totals = None
-  for batch in input_pipeline.create_eval_iterator(
-      config, crops=crops, process_index=jax.process_index(),
-      process_count=jax.process_count()):
+  batches = input_pipeline.create_eval_iterator(
+      config, crops=crops, process_index=jax.process_index(), process_count=jax.process_count())
+  for batch in batches:
     sums = p_eval_step(replicated_state, parallel.shard(batch, len(devices)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
   if totals is None:
@@ -210,7 +211,8 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
     per_class = totals['class_correct'].astype(np.float64) / totals['class_count']
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
           'top5': float(totals['top5']) / count, 'count': count,
-          'per_class_top1': per_class.tolist(), 'per_class_count': totals['class_count'].tolist()}
+          'per_class_top1': per_class.tolist(), 'per_class_count': totals['class_count'].tolist(),
+          'skipped_images': batches.num_skipped}
 
 
 @contextlib.contextmanager
@@ -300,9 +302,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       train_step, learning_rate_fn=optim.create_learning_rate_fn(config, steps_per_epoch),
       label_smoothing=config.label_smoothing), devices, donate_state=True)
   p_eval_step = parallel.pmap(eval_step, devices)
-  batches = parallel.prefetch_to_device(input_pipeline.create_train_iterator(
+  train_batches = input_pipeline.create_train_iterator(
       config, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count()), config.prefetch_to_device, devices)
+      process_count=jax.process_count())
+  batches = parallel.prefetch_to_device(train_batches, config.prefetch_to_device, devices)
   replicated = parallel.replicate(state, devices)
   throughput = reporting.Throughput(start_step, total_steps, config.batch_size)
   eval_metrics, pending, pending_from, summary = {}, [], start_step, {}
@@ -363,7 +366,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
            'eval_top1': eval_metrics.get('top1'), 'eval_top5': eval_metrics.get('top5'),
            'best_eval_top1': meta.get('best_eval_top1'),
            'best_eval_top5': meta.get('best_eval_top5'), 'skipped_steps': meta['skipped_steps'],
+           # This process's, this run's (not before a resume).
+           'skipped_train_images': train_batches.num_skipped,
+           'skipped_eval_images': eval_metrics.get('skipped_images'),
            'wall_time_s': time.time() - start_time}
+  if train_batches.num_skipped or eval_metrics.get('skipped_images'):
+    logging.warning('Skipped %d undecodable training images and %s in the last evaluation '
+                    '(each named above).', train_batches.num_skipped,
+                    eval_metrics.get('skipped_images'))
   if jax.process_index() == 0:
     (workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2))
   return state, final

@@ -43,3 +43,21 @@ def small_real_batch(imagenet_samples_dir):
   images -= np.array([123.675, 116.28, 103.53], np.float32)
   images /= np.array([58.395, 57.12, 57.375], np.float32)
   return {'image': images, 'label': np.arange(8, dtype=np.int32)}
+
+
+@pytest.fixture(scope='session')
+def folder_with_bad_files(tmp_path_factory, imagenet_samples_dir, imagenette_dir):
+  """An image folder of two Imagenette classes, 3 real photos each (symlinks), plus a
+  truncated JPEG (first class) and a text file named .JPEG (second), in both `train` and
+  `val`."""
+  root = tmp_path_factory.mktemp('bad_files')
+  photo = (imagenet_samples_dir / 'n01534433_junco.JPEG').read_bytes()  # Landscape.
+  classes = sorted(path.name for path in (imagenette_dir / 'train').iterdir())[:2]
+  for split in ('train', 'val'):
+    for name in classes:
+      (root / split / name).mkdir(parents=True)
+      for path in sorted((imagenette_dir / 'train' / name).iterdir())[:3]:
+        (root / split / name / path.name).symlink_to(path)
+    (root / split / classes[0] / 'truncated.JPEG').write_bytes(photo[:len(photo) // 2])
+    (root / split / classes[1] / 'not_an_image.JPEG').write_text('hello')
+  return root

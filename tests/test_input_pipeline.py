@@ -154,21 +154,6 @@ def test_train_processes_split_each_global_batch(image_folder):
           np.concatenate([parts[0][step][name], parts[1][step][name]]), batch[name])
 
 
-@pytest.fixture(scope='module')
-def folder_with_bad_files(tmp_path_factory, imagenet_samples_dir, imagenette_dir):
-  """Two classes of 3 good images plus a truncated JPEG (class a) and a text file named
-  .JPEG (class b), in both splits."""
-  root = tmp_path_factory.mktemp('bad_files')
-  photo = (imagenet_samples_dir / 'n01534433_junco.JPEG').read_bytes()  # Landscape.
-  classes = sorted(path.name for path in (imagenette_dir / 'train').iterdir())[:2]
-  for split in ('train', 'val'):
-    for name in classes:
-      _link_images(imagenette_dir / 'train' / name, root / split / name, 3)
-    (root / split / classes[0] / 'truncated.JPEG').write_bytes(photo[:len(photo) // 2])
-    (root / split / classes[1] / 'not_an_image.JPEG').write_text('hello')
-  return root
-
-
 def test_bad_images_are_skipped_counted_and_named(folder_with_bad_files, caplog):
   config = _folder_config(folder_with_bad_files, num_classes=2, batch_size=4,
                           random_flip=False, pca_lighting_std=0.0)

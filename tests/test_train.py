@@ -208,3 +208,18 @@ def test_learning_rate_schedules_by_hand():
   lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
   # After warmup: 0.1 * (1 + cos(pi * t / 30)) / 2 over the remaining 30 steps.
   np.testing.assert_allclose(float(lr(25)), 0.1 * (1 + np.cos(np.pi * 15 / 30)) / 2, rtol=1e-5)
+
+
+def test_a_run_reports_the_images_it_skipped(folder_with_bad_files, tmp_path, caplog):
+  """8 files per split, 2 of them undecodable: one epoch of training and the evaluation each
+  skip both, and the run's final metrics and log say how many."""
+  config = tiny_config(dataset='folder', data_dir=str(folder_with_bad_files),
+                       train_split='train', eval_split='val', num_classes=2, image_size=63,
+                       resize_size=66, batch_size=4, eval_batch_size=8, num_train_steps=2,
+                       prefetch_to_device=1, num_devices=1, cache=False)
+  caplog.set_level('WARNING')
+  _, final = train.train_and_evaluate(config, tmp_path)
+  # The 2 steps are the first epoch; the batch prefetched beyond may meet them again.
+  assert 2 <= final['skipped_train_images'] <= 4, final
+  assert final['skipped_eval_images'] == 2
+  assert f"Skipped {final['skipped_train_images']} undecodable training images and 2" in caplog.text

@@ -12,6 +12,7 @@ from typing import Any
 import flax.jax_utils
 import jax
 from jax import lax
+from jax.experimental import multihost_utils
 import numpy as np
 
 AXIS_NAME = 'batch'
@@ -104,6 +105,13 @@ def unreplicate(tree: Any) -> Any:
   # A copy, not a view: the device buffer is donated to the next step while Orbax may still
   # be saving this one in the background.
   return jax.tree.map(lambda x: np.array(x.addressable_data(0)).squeeze(0), tree)
+
+
+def sum_over_processes(count: int) -> int:
+  """The sum of every process's `count` (a collective: every process must call it)."""
+  if jax.process_count() == 1:
+    return count
+  return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
 def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:

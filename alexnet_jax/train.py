@@ -193,8 +193,8 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
 
   Returns:
     loss, top1, top5 (means over examples), count, per_class_top1 (a list, NaN for classes
-    without examples), per_class_count (a list) and skipped_images (undecodable files this
-    process skipped; the others are not in count).
+    without examples), per_class_count (a list) and skipped_images (undecodable files, over
+    all processes; they are not in count).
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   totals = None
@@ -212,7 +212,7 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
           'top5': float(totals['top5']) / count, 'count': count,
           'per_class_top1': per_class.tolist(), 'per_class_count': totals['class_count'].tolist(),
-          'skipped_images': batches.num_skipped}
+          'skipped_images': parallel.sum_over_processes(batches.num_skipped)}
 
 
 @contextlib.contextmanager
@@ -366,14 +366,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
            'eval_top1': eval_metrics.get('top1'), 'eval_top5': eval_metrics.get('top5'),
            'best_eval_top1': meta.get('best_eval_top1'),
            'best_eval_top5': meta.get('best_eval_top5'), 'skipped_steps': meta['skipped_steps'],
-           # This process's, this run's (not before a resume).
-           'skipped_train_images': train_batches.num_skipped,
-           'skipped_eval_images': eval_metrics.get('skipped_images'),
+           # Since this run started (not before a resume); includes the prefetched batches.
+           'skipped_train_images': parallel.sum_over_processes(train_batches.num_skipped),
+           'skipped_eval_images': eval_metrics.get('skipped_images', 0),
            'wall_time_s': time.time() - start_time}
-  if train_batches.num_skipped or eval_metrics.get('skipped_images'):
-    logging.warning('Skipped %d undecodable training images and %s in the last evaluation '
-                    '(each named above).', train_batches.num_skipped,
-                    eval_metrics.get('skipped_images'))
+  if final['skipped_train_images'] or final['skipped_eval_images']:
+    logging.warning('Skipped %d undecodable training images and %d in the last evaluation '
+                    '(each named in the log).', final['skipped_train_images'],
+                    final['skipped_eval_images'])
   if jax.process_index() == 0:
     (workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2))
   return state, final

@@ -172,9 +172,11 @@ def test_bad_images_are_skipped_counted_and_named(folder_with_bad_files, caplog)
   assert evaluation.num_skipped == 2
   assert sum(b['mask'].sum() for b in batches) == 6
 
+  raising = _folder_config(folder_with_bad_files, num_classes=2, on_bad_image='raise')
   with pytest.raises(ValueError, match='truncated.JPEG|not_an_image.JPEG'):
-    list(input_pipeline.create_eval_iterator(_folder_config(
-        folder_with_bad_files, num_classes=2, on_bad_image='raise')))
+    list(input_pipeline.create_eval_iterator(raising))
+  with pytest.raises(ValueError, match='truncated.JPEG|not_an_image.JPEG'):
+    _take(input_pipeline.create_train_iterator(raising), 2)
 
 
 def test_digits():
@@ -269,6 +271,10 @@ def test_clear_errors(image_folder, tmp_path):
     input_pipeline.get_dataset_info(_folder_config(tmp_path / 'empty'))
 
 
+def _careful_from_the_start(batches_from, step, on_bad_image):
+  del on_bad_image
+  return batches_from(step, True)
+
 
 @pytest.mark.parametrize('bad_files', [False, True])
 def test_training_decodes_carefully_from_the_first_bad_batch(
@@ -276,26 +282,27 @@ def test_training_decodes_carefully_from_the_first_bad_batch(
   """The fast map's batches equal the careful decoding's, bit for bit, and a bad file
   switches the stream to careful decoding at its batch: nothing lost or repeated."""
   if bad_files:
-    config = _folder_config(folder_with_bad_files, num_classes=2, batch_size=2)  # 4 steps.
+    # 4 steps per epoch; the bad files are in the batches of steps 1 and 3 (seed 0).
+    config = _folder_config(folder_with_bad_files, num_classes=2, batch_size=2)
   else:
-    config = _folder_config(image_folder, batch_size=5)  # 3 steps.
-  caplog.set_level(logging.WARNING)
-  train = input_pipeline.create_train_iterator(config, start_step=1)
-  stream = _take(train, 6)
+    config = _folder_config(image_folder, batch_size=5)  # 3 steps per epoch.
+  start = 2
   with monkeypatch.context() as patch:
-    patch.setattr(input_pipeline, '_fall_back_to_careful',
-                  lambda batches_from, step: batches_from(step, True))
-    careful = input_pipeline.create_train_iterator(config, start_step=1)
-    skipped = [careful.num_skipped for _ in range(6) if next(careful) is not None]
-  careful = input_pipeline.create_train_iterator(config, start_step=1)
-  for batch in stream:
-    expected = next(careful)
-    np.testing.assert_array_equal(batch['image'], expected['image'])
-    np.testing.assert_array_equal(batch['label'], expected['label'])
-  assert train.num_skipped == careful.num_skipped == skipped[-1]
-  assert (skipped[-1] > 0) == bad_files
-  if bad_files:  # Step 1 + the batches before the first skip, the first bad batch.
-    first_bad = 1 + next(k for k, num in enumerate(skipped) if num)
+    patch.setattr(input_pipeline, '_fall_back_to_careful', _careful_from_the_start)
+    careful = input_pipeline.create_train_iterator(config, start_step=start)
+    expected, skipped = [], []
+    for _ in range(6):
+      expected.append(next(careful))
+      skipped.append(careful.num_skipped)
+  caplog.set_level(logging.WARNING)
+  train = input_pipeline.create_train_iterator(config, start_step=start)
+  for step, batch in enumerate(_take(train, 6)):
+    np.testing.assert_array_equal(batch['image'], expected[step]['image'])
+    np.testing.assert_array_equal(batch['label'], expected[step]['label'])
+  assert train.num_skipped == skipped[-1]
+  if bad_files:
+    first_bad = start + next(k for k, num in enumerate(skipped) if num)
+    assert first_bad == 3  # A fast batch came first.
     assert f'batch of step {first_bad} does not decode' in caplog.text
   else:
-    assert 'does not decode' not in caplog.text
+    assert skipped[-1] == 0 and 'does not decode' not in caplog.text

@@ -7,15 +7,21 @@ reproduces the stream from any step (see `input_pipeline.create_train_iterator`)
 
 Orbax writes each step into a temporary directory and renames it when complete, so a save cut
 short by a crash is never listed. A listed checkpoint whose files were damaged later fails to
-restore; `restore_latest` then falls back to the next older one and says which it skipped.
+restore; `restore_latest` then falls back to the next older one, says which it skipped and,
+in a training run, moves the damaged one aside (`DAMAGED_DIRECTORY`) so that it is no longer
+the latest and its step can be saved again. A checkpoint unreadable for another reason
+(permissions, a file system that is down) stops the run and changes nothing.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+import contextlib
+import itertools
 import json
-import pathlib
+import sys
 from typing import Any
 
 from absl import logging
+from etils import epath
 import flax
 import jax
 import numpy as np
@@ -39,7 +45,7 @@ def _eval_top1(metrics: Mapping[str, float]) -> float:
   return metrics[_BEST_METRIC]
 
 
-def create_manager(directory: str | pathlib.Path, keep: int, async_save: bool = True,
+def create_manager(directory: epath.PathLike, keep: int, async_save: bool = True,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A manager keeping the `keep` latest checkpoints plus the best by 'eval_top1'.
 
@@ -57,7 +63,7 @@ def create_manager(directory: str | pathlib.Path, keep: int, async_save: bool = 
       preservation_policy=policy, best_fn=_eval_top1, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
       save_interval_steps=0 if read_only else 1)
-  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+  return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
                                item_names=('state', 'meta'))
 
 
@@ -119,55 +125,155 @@ def check_compatible(saved_config: Mapping[str, Any], config: Mapping[str, Any],
 
 
 class _Unreadable(Exception):
-  """A listed checkpoint whose files cannot be read; the message says how it failed."""
+  """A listed checkpoint that cannot be read; the message says how it failed.
+
+  damaged: its files are missing or broken (as opposed to unreadable for now: permissions,
+    an unavailable file system), so it can never be read and may be moved aside.
+  """
+
+  def __init__(self, error: Exception):
+    super().__init__(f'{type(error).__name__}: {str(error)[:200]}')
+    self.damaged = _means_damage(error)
+
+
+# Errors that say nothing about the files themselves: they may read fine later or elsewhere.
+_TRANSIENT_STATUSES = ('PERMISSION_DENIED', 'UNAVAILABLE', 'DEADLINE_EXCEEDED',
+                       'RESOURCE_EXHAUSTED', 'UNAUTHENTICATED', 'ABORTED')
+
+
+def _means_damage(error: Exception) -> bool:
+  """Whether a restore error means damaged files (measured with Orbax 0.12.8: a deleted item
+  or array gives KeyError / FileNotFoundError, truncated metadata a JSONDecodeError, truncated
+  array data a ValueError from TensorStore carrying its status text)."""
+  if isinstance(error, (PermissionError, TimeoutError, ConnectionError)):
+    return False
+  if isinstance(error, (KeyError, FileNotFoundError, ValueError)):
+    return not any(status in str(error) for status in _TRANSIENT_STATUSES)
+  return False
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, target: Any,
                   config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
-  """(state, meta) of checkpoint `step`; raises `_Unreadable` if its files are damaged."""
+  """(state, meta) of checkpoint `step`; raises `_Unreadable` if its files cannot be read."""
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   except Exception as e:  # pylint: disable=broad-except
-    raise _Unreadable(f'{type(e).__name__}: {str(e)[:200]}') from e
+    raise _Unreadable(e) from e
   check_compatible(meta.get('config', {}), config, manager.directory)
   try:
     restored = manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(_as_arrays(target))))['state']
     return flax.serialization.from_state_dict(target, restored), meta
   except Exception as e:  # pylint: disable=broad-except
-    raise _Unreadable(f'{type(e).__name__}: {str(e)[:200]}') from e
+    raise _Unreadable(e) from e
 
 
-def restore_latest(manager: ocp.CheckpointManager, target: Any,
-                   config: Mapping[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+def restore_latest(manager: ocp.CheckpointManager, target: Any, config: Mapping[str, Any],
+                   damaged_to: epath.PathLike | None = None
+                   ) -> tuple[Any, dict[str, Any]] | None:
   """Restores the newest readable checkpoint into the structure of `target`.
 
   Args:
     manager: from `create_manager`.
     target: a host `TrainState` of the run's config (shapes and dtypes to restore into).
     config: the run's config as a dict, checked against the one saved with the checkpoint.
+    damaged_to: where a training run moves damaged checkpoints (`damaged_to`/<step>), so that
+      they are no longer the latest and their steps can be saved again; None (readers) leaves
+      them in place.
   Returns:
     (state, meta) of the newest checkpoint that restores, or None when there is none.
   Raises:
-    CheckpointError: the checkpoints belong to another model/optimizer, or none is readable.
+    CheckpointError: the checkpoints belong to another model/optimizer, one cannot be read
+      for a reason that is not damage (nothing is moved then), or none is readable.
   """
   manager.reload()
-  steps = sorted(manager.all_steps(), reverse=True)
   skipped = []
-  for step in steps:
+  for step in sorted(manager.all_steps(), reverse=True):
     try:
       restored = _restore_step(manager, step, target, config)
     except _Unreadable as e:
+      if not e.damaged:
+        raise CheckpointError(
+            f'The checkpoint of step {step} in {manager.directory} cannot be read now ({e}); '
+            'nothing was changed. Fix the cause (permissions, the file system) and rerun.'
+        ) from e
+      _drop_closed_loop_callbacks()
+      where = _move_aside(manager, step, damaged_to)
+      logging.warning('Skipped damaged checkpoint step %d in %s (%s)%s', step,
+                      manager.directory, e, f'; moved to {where}' if where else '')
       skipped.append(f'step {step} ({e})')
       continue
-    for message in skipped:
-      logging.warning('Skipped damaged checkpoint %s in %s', message, manager.directory)
     return restored
   if skipped:
+    moved = f' They were moved to {damaged_to}.' if damaged_to else ''
     raise CheckpointError(
-        f'No checkpoint in {manager.directory} could be read: {"; ".join(skipped)}. Move the '
-        f'directory away to start afresh, or restore it from a backup.')
+        f'No checkpoint in {manager.directory} could be read: {"; ".join(skipped)}.{moved} '
+        'Rerun to start afresh, or restore them from a backup.')
   return None
+
+
+def _drop_closed_loop_callbacks() -> None:
+  """Keeps the aftermath of a failed restore off stderr.
+
+  When one array of a damaged checkpoint fails, Orbax closes its event loop while TensorStore
+  still finishes the other reads; their callbacks then raise "Event loop is closed" in
+  TensorStore's threads, each printed as a traceback (dozens, measured) through
+  `sys.unraisablehook`. Those, and only those, are dropped; every other one is printed.
+  """
+  hook = sys.unraisablehook
+  if getattr(hook, 'drops_closed_loop_callbacks', False):
+    return
+
+  def filtered(unraisable):
+    error = unraisable.exc_value
+    if not (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed'):
+      hook(unraisable)
+  filtered.drops_closed_loop_callbacks = True
+  sys.unraisablehook = filtered
+
+
+# Where a training run's damaged checkpoints go: beside `DIRECTORY`, in its workdir.
+DAMAGED_DIRECTORY = 'checkpoints-damaged'
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int,
+                damaged_to: epath.PathLike | None) -> epath.Path | None:
+  """Moves checkpoint `step` to `damaged_to`/<step>[.N] (process 0; the others wait)."""
+  if damaged_to is None:
+    return None
+  target = epath.Path(damaged_to) / str(step)
+  for n in itertools.count(1):
+    if not target.exists():
+      break
+    target = epath.Path(damaged_to) / f'{step}.{n}'
+  if jax.process_index() == 0:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (epath.Path(manager.directory) / str(step)).rename(target)
+  ocp.multihost.sync_global_processes(f'alexnet_jax: checkpoint {step} moved aside')
+  manager.reload()
+  return target
+
+
+@contextlib.contextmanager
+def closing(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManager]:
+  """Waits for pending saves and closes `manager` on every way out of the block.
+
+  On the way out of an error the error stays the one reported: a failing save is logged in
+  one line, and no background save outlives the manager (its threads would otherwise die
+  with the interpreter, in dozens of tracebacks).
+  """
+  try:
+    yield manager
+  except BaseException:
+    try:
+      manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.error('A pending checkpoint save failed too: %s: %s', type(e).__name__, e)
+    raise
+  try:
+    wait(manager)
+  finally:
+    manager.close()
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
@@ -236,7 +342,7 @@ def _no_checkpoint_error(manager: ocp.CheckpointManager) -> CheckpointError:
                          'workdir of a training run.')
 
 
-def read_params(directory: str | pathlib.Path,
+def read_params(directory: epath.PathLike,
                 best: bool = False) -> tuple[int, dict[str, Any], dict[str, Any]]:
   """The params of one checkpoint, without the rest of the train state (export, fine-tuning).
 
@@ -251,7 +357,7 @@ def read_params(directory: str | pathlib.Path,
   Raises:
     CheckpointError: there is no such checkpoint.
   """
-  directory = pathlib.Path(directory)
+  directory = epath.Path(directory)
   if (directory / DIRECTORY).is_dir():
     directory = directory / DIRECTORY
   step = None

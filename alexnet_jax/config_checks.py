@@ -1,13 +1,15 @@
 """Checks a config before anything is built, so a bad value costs one clear line, not a trace.
 
 Also guards a workdir against being resumed with another config: the first run writes
-`WORKDIR/config.json`; a later run must match it in every field outside `_FREE_FIELDS`.
+`WORKDIR/config.json`; a later run must match it in every field outside `_FREE_FIELDS` (and,
+under the cosine schedule, `_HORIZON_FIELDS`).
 """
 
 import json
-import pathlib
 from typing import Any
 
+from absl import logging
+from etils import epath
 import jax
 import ml_collections
 
@@ -21,6 +23,7 @@ _DATA_CHOICES = {
     'train_crop': ('paper', 'random_resized'),
     'mean_subtraction': ('channel', 'pixel', 'none'),
     'on_bad_image': ('skip', 'raise'),
+    'input_channels': (1, 3),
 }
 _CHOICES = {
     'model.variant': models.VARIANTS,
@@ -29,7 +32,8 @@ _CHOICES = {
     'optimizer': optim.OPTIMIZERS,
     'lr_schedule': optim.SCHEDULES,
     'on_nonfinite': ('stop', 'skip'),
-    'eval_crops': (1, 10),
+    'eval_crops': (1, 5, 10),
+    'plateau_threshold_mode': ('abs', 'rel'),
 }
 _POSITIVE = ('learning_rate', 'batch_size', 'eval_batch_size', 'image_size', 'resize_size',
              'num_classes', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
@@ -43,6 +47,8 @@ _FREE_FIELDS = frozenset({
     'eval_batch_size', 'eval_crops', 'data_dir', 'manual_dir', 'prefetch_to_device',
     'num_parallel_calls', 'private_threadpool_size', 'init_from',
 })
+# Free fields that set the cosine schedule's horizon (see `check_workdir`).
+_HORIZON_FIELDS = frozenset({'num_epochs', 'num_train_steps'})
 
 
 def _get(config: Any, dotted: str) -> Any:
@@ -65,6 +71,29 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
                      f'config.resize_size={config.resize_size}; it cannot be larger.')
   if config.seed < 0:
     raise ValueError(f'config.seed={config.seed} must not be negative.')
+  if config.divide_by_std and config.divide_by_255:
+    raise ValueError('config.divide_by_std=True and config.divide_by_255=True: choose one '
+                     "(divide_by_std alone gives torchvision's ToTensor + Normalize scale).")
+  _check_grey(config)
+
+
+def _check_grey(config: ml_collections.ConfigDict) -> None:
+  """Refuses what needs RGB in a grey run (input_channels=1): ImageNet's colour statistics."""
+  if config.input_channels != 1:
+    return
+  rgb_only = {  # field: (set to an RGB-only value, what it does, what to use instead).
+      'pca_lighting_std': (config.pca_lighting_std != 0,
+                           "shifts colours along ImageNet's RGB principal components",
+                           'set it to 0'),
+      'mean_subtraction': (config.mean_subtraction == 'channel', "subtracts ImageNet's RGB mean",
+                           "use 'pixel' (the training set's own mean image) or 'none'"),
+      'divide_by_std': (config.divide_by_std, "divides by ImageNet's RGB std",
+                        'use divide_by_255 or neither'),
+  }
+  for field, (rgb, what, instead) in rgb_only.items():
+    if rgb:
+      raise ValueError(f'config.{field}={_get(config, field)!r} {what}; grey images '
+                       f'(config.input_channels=1) have no colour: {instead}.')
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -77,10 +106,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for field in _NON_NEGATIVE:
     if not _get(config, field) >= 0:
       raise ValueError(f'config.{field}={_get(config, field)!r} must not be negative.')
-  minimum = models.min_input_size(config.model.variant)
+  padding = config.model.conv1_padding
+  if padding is not None and (not isinstance(padding, int) or padding < 0):
+    raise ValueError(f'config.model.conv1_padding={padding!r} must be None (the variant\'s own) '
+                     'or a non-negative int.')
+  minimum = models.min_input_size(config.model.variant, padding)
   if config.image_size < minimum:
     raise ValueError(f'config.image_size={config.image_size} is too small for the '
-                     f'{config.model.variant!r} AlexNet; the minimum is {minimum}.')
+                     f'{config.model.variant!r} AlexNet with config.model.conv1_padding='
+                     f'{padding}; the minimum is {minimum}.')
   if config.batch_size % jax.process_count():
     raise ValueError(f'config.batch_size={config.batch_size} must split evenly over '
                      f'{jax.process_count()} processes.')
@@ -103,22 +137,43 @@ def check_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -
                      f'{dataset_classes} classes; set --config.num_classes={dataset_classes}.')
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
-  """Writes WORKDIR/config.json on a first run; refuses a workdir of a different run.
+def check_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+  """Refuses a workdir whose saved config differs from `config`; reads only.
+
+  With `allow_config_change` the run goes on and one warning says what changed. Under the
+  cosine schedule num_epochs and num_train_steps are not free: they set the horizon the
+  learning rate decays over, so changing them re-derives every remaining step's rate.
 
   Raises:
     ValueError: the workdir was written with another config and `allow_config_change` is off.
   """
-  path = workdir / CONFIG_FILE
-  current = json.loads(config.to_json_best_effort())
-  if path.exists() and not config.allow_config_change:
-    saved = _flatten(json.loads(path.read_text()))
-    now = _flatten(current)
-    differ = sorted(k for k in saved.keys() | now.keys()
-                    if k not in _FREE_FIELDS and saved.get(k) != now.get(k))
-    if differ:
-      details = '; '.join(f'{k}: workdir {saved.get(k)!r}, now {now.get(k)!r}' for k in differ)
-      raise ValueError(f'{workdir} holds a run with another config ({details}). Use a fresh '
-                       f'--workdir, or pass --config.allow_config_change=True to resume anyway.')
-  if jax.process_index() == 0:
-    path.write_text(json.dumps(current, indent=2, sort_keys=True))
+  path = epath.Path(workdir) / CONFIG_FILE
+  if not path.exists():
+    return
+  saved = _flatten(json.loads(path.read_text()))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  free = _FREE_FIELDS - _HORIZON_FIELDS if config.lr_schedule == 'cosine' else _FREE_FIELDS
+  differ = sorted(k for k in saved.keys() | now.keys()
+                  if k not in free and saved.get(k) != now.get(k))
+  if not differ:
+    return
+  details = '; '.join(f'{k}: workdir {saved.get(k)!r}, now {now.get(k)!r}' for k in differ)
+  horizon = ('. The cosine schedule decays over num_epochs/num_train_steps, so the new '
+             'horizon re-derives the learning rate of every remaining step'
+             if _HORIZON_FIELDS & set(differ) else '')
+  if config.allow_config_change:
+    logging.warning('Resuming %s with a changed config (%s)%s.', workdir, details, horizon)
+    return
+  raise ValueError(f'{workdir} holds a run with another config ({details}){horizon}. Use a '
+                   f'fresh --workdir, or pass --config.allow_config_change=True to resume anyway.')
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> None:
+  """Writes WORKDIR/config.json on process 0, atomically: a reader never sees half of it."""
+  if jax.process_index() != 0:
+    return
+  path = epath.Path(workdir) / CONFIG_FILE
+  partial = path.parent / f'{path.name}.partial'
+  partial.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2,
+                                sort_keys=True))
+  partial.replace(path)

@@ -15,9 +15,12 @@ import os
 from typing import Optional
 
 from absl import logging
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+
+from alexnet_jax import parallel
 
 # What tfds.folder_dataset.ImageFolder and torchvision's ImageFolder accept, minus the formats
 # tf.io.decode_image cannot read.
@@ -34,7 +37,7 @@ class Source(abc.ABC):
 
   # Label i is class_names[i].
   class_names: list[str]
-  # load() returns an encoded image file (scalar string); False: pixels [h, w, 3].
+  # load() returns an encoded image file (scalar string); False: pixels [h, w, 1 or 3].
   encoded: bool
 
   @abc.abstractmethod
@@ -47,14 +50,15 @@ class Source(abc.ABC):
 
   @abc.abstractmethod
   def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
-    """The example's data (graph function): encoded file, or pixels [h, w, 3]."""
+    """The example's data (graph function): encoded file, or pixels [h, w, 1 or 3]."""
 
 
 class ArraySource(Source):
   """Splits held as numpy arrays of handles; a shuffle is a full permutation.
 
-  Each split is a dict of equally long arrays: 'key' and 'label', plus 'pixels' [n, h, w, 3]
-  when the data are in memory (read_files False); otherwise 'key' is the file to read.
+  Each split is a dict of equally long arrays: 'key' and 'label', plus 'pixels' [n, h, w, 1 or
+  3] (grey or RGB; preprocessing converts to the channels asked for) when the data are in
+  memory (read_files False); otherwise 'key' is the file to read.
   """
 
   def __init__(self, splits: dict[str, dict[str, np.ndarray]], class_names: list[str],
@@ -211,12 +215,12 @@ def _list_folder(split_dir: str) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=None)
 def digits_source() -> ArraySource:
   """scikit-learn's 1,797 8x8 digits: a fixed stratified 80/20 'train'/'test' split, pixels
-  0..16 scaled to 0..255, grey repeated to RGB."""
+  0..16 scaled to 0..255, grey [8, 8, 1] (preprocessing repeats it for 3-channel models)."""
   # Imported here: scikit-learn is only needed for this source.
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
-  pixels = np.repeat(digits.images[..., None] * (255 / 16), 3, axis=-1).astype(np.float32)
+  pixels = (digits.images[..., None] * (255 / 16)).astype(np.float32)
   train, test = model_selection.train_test_split(
       np.arange(len(digits.target)), test_size=DIGITS_TEST_FRACTION,
       stratify=digits.target, random_state=0)
@@ -242,8 +246,24 @@ def tfds_builder(name: str, data_dir: Optional[str],
       preparation failed (e.g. no internet).
   """
   builder = _find_builder(name, data_dir)
+  if builder.is_prepared():
+    return builder
+  # Process 0 alone prepares (hosts writing the same files would collide); the others wait,
+  # and hear of its failure through their own check below rather than hang at the barrier.
+  failure = None
+  if jax.process_index() == 0:
+    try:
+      _prepare(builder, manual_dir)
+    except ValueError as e:
+      failure = e
+  parallel.sync_processes(f'alexnet_jax: TFDS {name} prepared')
+  if failure is not None:
+    raise failure
+  builder = _find_builder(name, data_dir)
   if not builder.is_prepared():
-    _prepare(builder, manual_dir)
+    raise ValueError(f'TFDS dataset {name} is not prepared in {builder.data_dir_root} after '
+                     'process 0 prepared it: give every host a data_dir on a file system they '
+                     'share, or prepare it on each host first (see the log of process 0).')
   return builder
 
 
@@ -283,10 +303,12 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]):
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # Any failure of TFDS's download or build; re-raised with the fix.
+    # One line, the reason's first: TFDS's download errors (no internet) run to many lines.
+    reason = str(e).strip().partition('\n')[0]
     raise ValueError(
         f'TFDS dataset {builder.name} is not prepared in {root} and preparing it failed '
-        f'({type(e).__name__}: {e}). It downloads once (needs the internet); or run\n'
-        f'  {command}\non a machine that has it and copy {builder.data_dir} here.') from e
+        f'({type(e).__name__}: {reason}). It downloads once where the internet is reachable; '
+        f'or run `{command}` on a machine that has it and copy {builder.data_dir} here.') from e
 
 
 def _missing_manual_message(builder, root: str, manual_dir: str, missing: list[str],

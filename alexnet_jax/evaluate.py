@@ -19,20 +19,29 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from etils import epath
 import jax
 import ml_collections
 
 from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import cli
 from alexnet_jax import config_checks
+from alexnet_jax import ensemble
 from alexnet_jax import inference
 from alexnet_jax import labels
 from alexnet_jax import parallel
+from alexnet_jax import preprocessing
 from alexnet_jax import train
 
 _MODEL = cli.define_model_flags()
-_CROPS = flags.DEFINE_enum('crops', None, ['1', '10'], "1: the centre crop; 10: the paper's "
-                           '10 crops, softmax averaged. Default: config.eval_crops.')
+_CROPS = flags.DEFINE_enum(
+    'crops', None, ['1', '5', '10'], "1: the centre crop; 10: the paper's 10 crops, softmax "
+    'averaged (the 5 unmirrored ones for a model trained without flips); 5: those 5. Default: '
+    'config.eval_crops.')
+_ENSEMBLE = flags.DEFINE_list(
+    'ensemble', [], "More training workdirs: their models and --workdir's are evaluated "
+    "alone and as an ensemble (softmax averaged, the paper's section 7), side by side; the "
+    'JSON goes to --workdir.')
 
 
 def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
@@ -53,15 +62,16 @@ def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -
     class_names: [num_classes] names, index = label.
     **about: what was evaluated (step, crops, ...), put first.
   Returns:
-    about, then top1, top5, top1_error, top5_error, loss, count, skipped_images (undecodable
-    files, not in count) and per_class: a list of
+    about, then crop_names (the crops in words), top1, top5, top1_error, top5_error, loss,
+    count, skipped_images (undecodable files, not in count) and per_class: a list of
     {'label', 'name', 'count', 'top1'} (top1 None for a class without examples).
   """
   per_class = [{'label': label, 'name': name, 'count': int(count),
                 'top1': None if count == 0 else top1}
                for label, (name, count, top1) in enumerate(zip(
                    class_names, metrics['per_class_count'], metrics['per_class_top1']))]
-  return {**about, 'top1': metrics['top1'], 'top5': metrics['top5'],
+  return {**about, 'crop_names': preprocessing.CROP_NAMES[metrics['crops']],
+          'top1': metrics['top1'], 'top5': metrics['top5'],
           'top1_error': 1 - metrics['top1'], 'top5_error': 1 - metrics['top5'],
           'loss': metrics['loss'], 'count': int(metrics['count']),
           'skipped_images': metrics['skipped_images'], 'per_class': per_class}
@@ -69,11 +79,11 @@ def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -
 
 def format_report(report: dict[str, Any]) -> str:
   """The report as text: a summary and the per-class table."""
-  crops = 'the centre crop' if report['crops'] == 1 else f"{report['crops']} crops"
   lines = [
       f"{report['weights']} on {report['dataset']}:{report['split']}, {report['count']} "
-      f'examples, {crops}' + (f" ({report['skipped_images']} undecodable images skipped)"
-                               if report['skipped_images'] else '') + ':',
+      f"examples, {report['crop_names']}" + (
+          f" ({report['skipped_images']} undecodable images skipped)"
+          if report['skipped_images'] else '') + ':',
       f"  top-1 accuracy {report['top1']:.4f}  (error {report['top1_error']:.4f})",
       f"  top-5 accuracy {report['top5']:.4f}  (error {report['top5_error']:.4f})",
       f"  loss {report['loss']:.4f}",
@@ -90,15 +100,19 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
+  if _ENSEMBLE.value:
+    ensemble.main([_MODEL.workdir.value, *_ENSEMBLE.value], _MODEL, _CROPS.value,
+                  evaluate=evaluate, make_report=make_report, format_report=format_report)
+    return
   with cli.user_errors():
     checkpoint = checkpointing.parse_checkpoint(_MODEL.checkpoint.value)
-    workdir = pathlib.Path(_MODEL.workdir.value)
+    workdir = epath.Path(_MODEL.workdir.value)
     init_from = _MODEL.init_from.value
     config = inference.load_config(_MODEL.config.value, workdir)
     config_checks.validate(config)
-    crops = int(_CROPS.value or config.eval_crops)
     state = inference.load_state(config, workdir, checkpoint, init_from)
-    metrics = evaluate(config, state, crops)
+    metrics = evaluate(config, state, int(_CROPS.value or config.eval_crops))
+    crops = metrics['crops']  # The crops used: 10 asked of a model trained unmirrored is 5.
     step = None if init_from else int(state.step)
     report = make_report(
         metrics, labels.class_names(config),

@@ -6,8 +6,8 @@ come from a checkpoint of the workdir ('latest', 'best' or a step; see
 """
 
 import json
-import pathlib
 
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -19,7 +19,7 @@ from alexnet_jax import train
 
 
 def load_config(config: ml_collections.ConfigDict | None,
-                workdir: str | pathlib.Path) -> ml_collections.ConfigDict:
+                workdir: epath.PathLike) -> ml_collections.ConfigDict:
   """`config` if given, else the config the training run saved in `workdir`.
 
   Raises:
@@ -27,7 +27,7 @@ def load_config(config: ml_collections.ConfigDict | None,
   """
   if config is not None:
     return config
-  path = pathlib.Path(workdir) / config_checks.CONFIG_FILE
+  path = epath.Path(workdir) / config_checks.CONFIG_FILE
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a training run, or '
                             'a --config.')
@@ -43,7 +43,7 @@ def zeros_state(config: ml_collections.ConfigDict) -> train.TrainState:
   return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
 
 
-def load_state(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
+def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                checkpoint: int | str = 'latest', init_from: str | None = None) -> train.TrainState:
   """The host train state of a trained model.
 
@@ -63,8 +63,9 @@ def load_state(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
   state = zeros_state(config)
   if init_from:
     return state.replace(params=convert.load_params(
-        init_from, config.model.variant, config.num_classes, config.image_size))
-  directory = pathlib.Path(workdir) / checkpointing.DIRECTORY
+        init_from, config.model.variant, config.num_classes, config.image_size,
+        config.model.conv1_padding, config.input_channels))
+  directory = epath.Path(workdir) / checkpointing.DIRECTORY
   if not directory.is_dir():
     raise checkpointing.CheckpointError(f'No checkpoints in {workdir} ({directory} does not '
                                         'exist): pass the --workdir of a training run.')

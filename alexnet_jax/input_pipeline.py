@@ -125,8 +125,9 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
     process_count: the number of processes (default 1).
 
   Returns:
-    An iterator of {'image': float32 [b, S, S, 3], 'label': int32 [b]} with
-    b = config.batch_size // process_count and S = config.image_size; its num_skipped counts
+    An iterator of {'image': float32 [b, S, S, ch], 'label': int32 [b]} with
+    b = config.batch_size // process_count, S = config.image_size and
+    ch = config.input_channels; its num_skipped counts
     the undecodable files met.
   """
   index, count = _process(process_index, process_count)
@@ -198,7 +199,7 @@ def _train_epoch(config, source: data_sources.Source, options: preprocessing.Opt
 
   if careful:
     size = config.image_size
-    ds = _decode_carefully(ds, image, [size, size, 3], config)
+    ds = _decode_carefully(ds, image, [size, size, config.input_channels], config)
   else:
     ds = _decode(ds, image, config)
   return _finish(ds.batch(config.batch_size // count, drop_remainder=True), config)
@@ -211,22 +212,21 @@ def create_eval_iterator(config, crops: Optional[int] = None,
 
   Args:
     config: the run's config (see configs/imagenet.py).
-    crops: 1 (centre crop) or 10 (the paper's, see preprocessing.ten_crops); None means
+    crops: the crops asked for, 1 (centre crop), 5 or 10 (see `eval_crops`); None means
       config.eval_crops.
     process_index: this process (default 0); the trainer passes jax.process_index().
     process_count: the number of processes (default 1).
 
   Returns:
-    An iterator of {'image': float32 [b, S, S, 3] ([b, 10, S, S, 3] for 10 crops),
+    An iterator of {'image': float32 [b, S, S, ch] ([b, C, S, S, ch] for C = eval_crops(...)
+    crops; ch = config.input_channels),
     'label': int32 [b], 'mask': bool [b]}, b = config.eval_batch_size // process_count. The
     last global batch is padded (mask False); every process yields the same number of
     batches, at most config.steps_per_eval when that is positive.
   """
   index, count = _process(process_index, process_count)
   batch_size = _local_batch_size(config.eval_batch_size, count, 'eval_batch_size')
-  crops = config.eval_crops if crops is None else crops
-  if crops not in (1, 10):
-    raise ValueError(f'Evaluation crops must be 1 or 10, not {crops}.')
+  crops = eval_crops(config, crops)
   if config.dataset == 'fake':
     batch = _fake_batch(config, batch_size, crops)
     num_batches = _num_eval_batches(FAKE_NUM_EVAL_EXAMPLES, config)
@@ -241,6 +241,20 @@ def create_eval_iterator(config, crops: Optional[int] = None,
   else:
     ds = _eval_dataset(config, crops, index, count)
   return BatchIterator(ds.as_numpy_iterator(), config.on_bad_image, train=False)
+
+
+def eval_crops(config, crops: Optional[int] = None) -> int:
+  """The crops an evaluation uses: 1, 5 or 10 (`preprocessing.CROP_NAMES`).
+
+  Multi-crop follows the training data: the paper's 10 crops include mirrors, which a model
+  trained without `random_flip` never saw (mirrored digits are other symbols), so 10 becomes
+  the 5 unmirrored crops there.
+  """
+  crops = config.eval_crops if crops is None else crops
+  if crops not in preprocessing.CROP_NAMES:
+    raise ValueError(f'Evaluation crops must be one of {tuple(preprocessing.CROP_NAMES)}, not '
+                     f'{crops}.')
+  return 5 if crops == 10 and not config.random_flip else crops
 
 
 # Evaluation datasets kept for config.cache (their decoded images cached by tf.data).
@@ -261,7 +275,8 @@ def _eval_dataset(config, crops: int, index: int, count: int) -> tf.data.Dataset
   ds = _shard(ds, config.eval_batch_size, index, count)
   ds = ds.map(lambda position, handle: (position, {**handle, 'mask': position < num_examples}))
   size = config.image_size
-  shape = [10, size, size, 3] if crops == 10 else [size, size, 3]
+  shape = [size, size, config.input_channels]
+  shape = [crops] + shape if crops > 1 else shape
   ds = _decode_carefully(
       ds, lambda _, handle: preprocessing.eval_image(source.load(handle), options, crops),
       shape, config)
@@ -291,16 +306,27 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
       image_size=config.image_size,
       resize_size=config.resize_size,
       encoded=encoded,
+      channels=config.input_channels,
       train_crop=config.train_crop,
       center_crop_train=config.center_crop_train,
       random_flip=config.random_flip,
       pca_lighting_std=config.pca_lighting_std,
       mean=_mean(config),
-      std=np.array(preprocessing.IMAGENET_STD_RGB, np.float32) if config.divide_by_std else None)
+      std=_std(config))
+
+
+def _std(config) -> Optional[np.ndarray]:
+  """What the pixels are divided by: the ImageNet std [3] (torchvision), [255] (d2l's [0, 1]
+  pixels) or None (the paper's 0-255)."""
+  if config.divide_by_std:
+    return np.array(preprocessing.IMAGENET_STD_RGB, np.float32)
+  if config.divide_by_255:
+    return np.array([255.0], np.float32)
+  return None
 
 
 def _mean(config) -> Optional[np.ndarray]:
-  """What mean_subtraction subtracts: [3], [R, R, 3] or None."""
+  """What mean_subtraction subtracts: [3], [R, R, input_channels] or None."""
   if config.mean_subtraction == 'none':
     return None
   if config.mean_subtraction == 'channel':
@@ -316,10 +342,11 @@ def _mean(config) -> Optional[np.ndarray]:
                      f'config.mean_image_path (now {path}); compute it once with\n  {command}')
   with tf.io.gfile.GFile(path, 'rb') as f:
     mean = np.load(f)
-  expected = (config.resize_size, config.resize_size, 3)
+  expected = (config.resize_size, config.resize_size, config.input_channels)
   if mean.shape != expected:
     raise ValueError(f'The mean image {path} has shape {mean.shape}, not {expected} '
-                     f'(config.resize_size); recompute it with\n  {command}')
+                     f'(config.resize_size, config.input_channels); recompute it with\n'
+                     f'  {command}')
   return mean.astype(np.float32)
 
 
@@ -398,6 +425,6 @@ def _fake_batch(config, batch_size: int, crops: int = 1) -> Batch:
   """Random pixels on the mean-subtracted 0-255 scale and random labels, fixed by the seed."""
   rng = np.random.default_rng(config.seed)
   size = config.image_size
-  shape = [batch_size] + ([10] if crops == 10 else []) + [size, size, 3]
+  shape = [batch_size] + ([crops] if crops > 1 else []) + [size, size, config.input_channels]
   return {'image': rng.uniform(-128, 128, shape).astype(np.float32),
           'label': rng.integers(0, config.num_classes, batch_size, dtype=np.int32)}

@@ -15,10 +15,12 @@ step from a step schedule times the plateau scale kept in the train state, so th
 from collections.abc import Callable
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 OPTIMIZERS = ('paper_momentum', 'sgd')
@@ -69,6 +71,29 @@ def with_learning_rate(opt_state: optax.OptState, learning_rate: jax.Array) -> o
       hyperparams={**opt_state.hyperparams, 'learning_rate': learning_rate})
 
 
+# The optimizer settings `inject_hyperparams` keeps in the state besides the learning rate
+# (which the train step sets at every step).
+_CONFIG_HYPERPARAMS = ('momentum', 'weight_decay')
+
+
+def with_config_hyperparams(opt_state: optax.OptState,
+                            config: ml_collections.ConfigDict) -> optax.OptState:
+  """Returns a restored `opt_state` with momentum and weight decay of the config in force.
+
+  `inject_hyperparams` saves them in the state, so a checkpoint would otherwise go on with
+  the values it was written with whatever the resumed run's config says.
+  """
+  hyperparams = dict(opt_state.hyperparams)
+  for name in _CONFIG_HYPERPARAMS:
+    saved = np.asarray(hyperparams[name])
+    wanted = np.asarray(config[name], saved.dtype)
+    if saved != wanted:
+      logging.info('Resumed with %s=%g from the config (the checkpoint had %g).', name,
+                   wanted, saved)
+    hyperparams[name] = wanted
+  return opt_state._replace(hyperparams=hyperparams)
+
+
 def create_learning_rate_fn(config: ml_collections.ConfigDict,
                             steps_per_epoch: int) -> Callable[[jax.Array], jax.Array]:
   """The step-dependent part of the learning rate (the plateau scale multiplies it).
@@ -108,8 +133,9 @@ class PlateauState:
   """The paper's schedule state: divide the learning rate when val top-1 stops improving.
 
   scale: the factor on the learning rate (1, 0.1, 0.01, ...).
-  best: the best validation top-1 seen so far.
-  bad_evals: evaluations since `best` last improved.
+  best: the validation top-1 of the last significant improvement (see `update_plateau`):
+    gains below `plateau_min_delta` do not move it, so they add up until they count.
+  bad_evals: evaluations since `best` last moved.
   num_drops: how many times the learning rate has been divided.
   """
   scale: jax.Array
@@ -127,16 +153,24 @@ def update_plateau(plateau: PlateauState, eval_top1: float,
                    config: ml_collections.ConfigDict) -> tuple[PlateauState, bool]:
   """Records one evaluation; returns the new state and whether the learning rate dropped.
 
-  Runs on the host between steps. With `lr_schedule != 'plateau'` only `best` is tracked.
+  Runs on the host between steps. An evaluation improves when its top-1 beats `best` by more
+  than `plateau_min_delta`: absolutely ('abs', PyTorch's ReduceLROnPlateau threshold_mode='abs')
+  or relatively ('rel': by more than best * min_delta). Only then does `best` move, as in
+  PyTorch, Keras and `optax.contrib.reduce_on_plateau`: steady small gains do not stall it.
+  With `lr_schedule != 'plateau'` the learning rate never drops.
   """
-  improved = eval_top1 > float(plateau.best) + config.plateau_min_delta
-  best = max(float(plateau.best), eval_top1)
+  best = float(plateau.best)
+  if config.plateau_threshold_mode == 'rel':
+    threshold = best + abs(best) * config.plateau_min_delta
+  else:
+    threshold = best + config.plateau_min_delta
+  improved = eval_top1 > threshold
   bad_evals = 0 if improved else int(plateau.bad_evals) + 1
   drop = (config.lr_schedule == 'plateau' and bad_evals >= config.plateau_patience
           and int(plateau.num_drops) < config.plateau_max_drops)
   new = PlateauState(
       scale=jnp.float32(float(plateau.scale) * (config.plateau_factor if drop else 1.0)),
-      best=jnp.float32(best),
+      best=jnp.float32(eval_top1 if improved else best),
       bad_evals=jnp.int32(0 if drop else bad_evals),
       num_drops=jnp.int32(int(plateau.num_drops) + int(drop)))
   return new, drop

@@ -114,6 +114,12 @@ def sum_over_processes(count: int) -> int:
   return int(np.sum(multihost_utils.process_allgather(np.int64(count))))
 
 
+def sync_processes(name: str) -> None:
+  """Waits until every process has come here (a barrier named `name`); no-op on one."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
   """Reshapes every array [B, ...] of a host batch to [num_devices, B // num_devices, ...]."""
   return jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), batch)

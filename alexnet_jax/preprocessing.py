@@ -6,7 +6,8 @@ the caller, so an example's augmentation is a function of its seed alone.
 
 The paper's recipe (facts doc): rescale the shorter side to 256, take the central 256x256,
 subtract the mean image; train on random 224 crops, their mirror images and PCA lighting noise;
-test on 10 crops (4 corners, centre and their mirrors). We take the central square of the
+test on 10 crops (4 corners, centre and their mirrors; 5 unmirrored ones for data trained
+without flips). We take the central square of the
 decoded image and resize it to 256x256 (the same region, decoded only where needed).
 """
 
@@ -42,20 +43,23 @@ class Options:
   Attributes:
     image_size: side S of the network input.
     resize_size: side R of the canvas the crops come from (the paper's 256).
-    encoded: inputs are image files (scalar strings); False: pixels [h, w, 3].
+    encoded: inputs are image files (scalar strings); False: pixels [h, w, 1 or 3].
+    channels: C of the output, 3 (RGB; grey files repeated) or 1 (grey; colour files and
+      pixels reduced to their luminance, grey stays grey).
     train_crop: 'paper' (random S crop of the canvas) or 'random_resized' (Inception style).
     center_crop_train: 'paper' crops come from the central square resized to R x R; False:
       from the whole image with its shorter side resized to R.
     random_flip: mirror training images with probability 1/2.
     pca_lighting_std: standard deviation of the lighting coefficients; 0 turns it off.
-    mean: subtracted from the pixels: [3], or [R, R, 3] (a mean image; needs the square
+    mean: subtracted from the pixels: [C], or [R, R, C] (a mean image; needs the square
       canvas); None subtracts nothing.
-    std: [3]; the result (lighting noise included) is divided by it, as torchvision does;
-      None keeps the paper's 0-255 scale.
+    std: [C] or [1]; the result (lighting noise included) is divided by it, as torchvision
+      does ([1] = 255: d2l's [0, 1] pixels); None keeps the paper's 0-255 scale.
   """
   image_size: int
   resize_size: int
   encoded: bool = True
+  channels: int = 3
   train_crop: str = 'paper'
   center_crop_train: bool = True
   random_flip: bool = True
@@ -94,19 +98,32 @@ def _crop(image: tf.Tensor, window: tf.Tensor) -> tf.Tensor:
   return tf.slice(image, [window[0], window[1], 0], [window[2], window[3], -1])
 
 
-def decode_and_crop(data: tf.Tensor, window_fn: WindowFn, encoded: bool = True) -> tf.Tensor:
+def _with_channels(pixels: tf.Tensor, channels: int) -> tf.Tensor:
+  """pixels [h, w, 1 or 3] as [h, w, channels]: grey repeated to RGB, or RGB reduced to its
+  luminance (tf.image.rgb_to_grayscale, ITU-R 601 weights)."""
+  if pixels.shape[-1] == channels:
+    return pixels
+  if channels == 3:
+    return tf.image.grayscale_to_rgb(pixels)
+  return tf.image.rgb_to_grayscale(pixels)
+
+
+def decode_and_crop(data: tf.Tensor, window_fn: WindowFn, encoded: bool = True,
+                    channels: int = 3) -> tf.Tensor:
   """Decodes an image and crops a window of it.
 
   Args:
     data: an encoded image file, scalar string (JPEG, also CMYK or grey; PNG, GIF, BMP or WebP,
-      whatever the file name says), or pixels [h, w, 3] when `encoded` is False.
+      whatever the file name says), or pixels [h, w, 1 or 3] when `encoded` is False.
     window_fn: maps the image's shape int32 [h, w] to the window to keep.
     encoded: whether `data` is a file.
+    channels: 3 (RGB) or 1 (grey) in the output, whatever the file or pixels hold.
 
   Returns:
-    The window's pixels [h', w', 3] in RGB (uint8 for files).
+    The window's pixels [h', w', channels] (uint8 for files).
   """
   if not encoded:
+    data = _with_channels(data, channels)
     return _crop(data, window_fn(tf.shape(data)[:2]))
 
   def jpeg():
@@ -114,10 +131,10 @@ def decode_and_crop(data: tf.Tensor, window_fn: WindowFn, encoded: bool = True) 
     # DCT, PIL's too, so pixels equal PIL's.
     window = window_fn(tf.image.extract_jpeg_shape(data)[:2])
     return tf.image.decode_and_crop_jpeg(
-        data, window, channels=3, dct_method='INTEGER_ACCURATE')
+        data, window, channels=channels, dct_method='INTEGER_ACCURATE')
 
   def other():
-    image = tf.io.decode_image(data, channels=3, expand_animations=False)
+    image = tf.io.decode_image(data, channels=channels, expand_animations=False)
     return _crop(image, window_fn(tf.shape(image)[:2]))
 
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
@@ -146,7 +163,8 @@ def shorter_side_size(shape: tf.Tensor, size: int) -> tf.Tensor:
 def _decode_for_canvas(data: tf.Tensor, options: Options,
                        square: bool) -> tuple[tf.Tensor, tf.Tensor]:
   """The decoded pixels the canvas is resized from, and the canvas size (h, w)."""
-  image = decode_and_crop(data, central_square if square else whole_image, options.encoded)
+  image = decode_and_crop(data, central_square if square else whole_image, options.encoded,
+                          options.channels)
   size = options.resize_size
   if square:
     return image, tf.constant([size, size])
@@ -162,7 +180,7 @@ def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
     square: the central square resized to R x R; False: the whole image, shorter side R.
 
   Returns:
-    float32 [R, R, 3] (square) or [R, >= R, 3] / [>= R, R, 3].
+    float32 [R, R, C] (square) or [R, >= R, C] / [>= R, R, C].
   """
   image, size = _decode_for_canvas(data, options, square)
   return subtract_mean(resize(image, size), options.mean)
@@ -171,7 +189,7 @@ def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
 def canvas_crop(data: tf.Tensor, options: Options, offset_fn: Callable[[tf.Tensor], tf.Tensor],
                 square: bool = True) -> tf.Tensor:
   """The S x S crop of the canvas at offset_fn(canvas size (h, w)), mean subtracted; only the
-  crop is resized. float32 [S, S, 3]."""
+  crop is resized. float32 [S, S, C]."""
   image, size = _decode_for_canvas(data, options, square)
   offset = offset_fn(size)
   crop = options.image_size
@@ -181,7 +199,7 @@ def canvas_crop(data: tf.Tensor, options: Options, offset_fn: Callable[[tf.Tenso
 
 def subtract_mean(image: tf.Tensor, mean: Optional[np.ndarray],
                   offset: tf.Tensor = (0, 0)) -> tf.Tensor:
-  """image [h, w, 3] - mean: [3], or [R, R, 3] whose window at `offset` is subtracted; the
+  """image [h, w, C] - mean: [C], or [R, R, C] whose window at `offset` is subtracted; the
   identity for None."""
   if mean is None:
     return image
@@ -192,7 +210,7 @@ def subtract_mean(image: tf.Tensor, mean: Optional[np.ndarray],
 
 
 def scale(image: tf.Tensor, std: Optional[np.ndarray]) -> tf.Tensor:
-  """image / std, broadcasting a [3] std over the channels; the identity for None."""
+  """image / std, broadcasting a [C] or [1] std over the channels; the identity for None."""
   if std is None:
     return image
   return image / tf.constant(std, tf.float32)
@@ -215,14 +233,15 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor
     options: see Options.
 
   Returns:
-    float32 [S, S, 3].
+    float32 [S, S, C].
   """
   size = options.image_size
   crop_seed, flip_seed, lighting_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
   if options.train_crop == 'random_resized':
     window_fn = functools.partial(random_resized_window, seed=crop_seed)
-    image = resize(decode_and_crop(data, window_fn, options.encoded), (size, size))
+    image = resize(decode_and_crop(data, window_fn, options.encoded, options.channels),
+                   (size, size))
     image = subtract_mean(image, options.mean)
   else:
     def random_offset(canvas_size):
@@ -234,7 +253,7 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor
     image = tf.image.stateless_random_flip_left_right(image, flip_seed)
   if options.pca_lighting_std:
     image += pca_lighting(lighting_seed, options.pca_lighting_std)
-  return tf.ensure_shape(scale(image, options.std), [size, size, 3])
+  return tf.ensure_shape(scale(image, options.std), [size, size, options.channels])
 
 
 def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
@@ -244,18 +263,28 @@ def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return image[y:y + size, x:x + size]
 
 
-def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The paper's test views of [h, w, 3]: [10, size, size, 3].
+# The views `multi_crops` returns, by count, as reports name them.
+CROP_NAMES = {
+    1: 'the centre crop',
+    5: '5 crops (4 corners and the centre, not mirrored: training did not flip)',
+    10: "the paper's 10 crops (4 corners, the centre and their mirrors)",
+}
 
-  Order (torchvision's TenCrop): top-left, top-right, bottom-left, bottom-right, centre, then
-  the horizontal mirrors of those five in the same order.
+
+def multi_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
+  """The test views of [h, w, 3]: [crops, size, size, 3], crops 5 or 10.
+
+  Order (torchvision's FiveCrop / TenCrop): top-left, top-right, bottom-left, bottom-right,
+  centre, then for 10 (the paper's) the horizontal mirrors of those five in the same order.
   """
   height, width = tf.shape(image)[0], tf.shape(image)[1]
   corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
-  crops = [image[y:y + size, x:x + size] for y, x in corners]
-  crops.append(center_crop(image, size))
-  crops = tf.stack(crops)
-  return tf.concat([crops, tf.reverse(crops, axis=[2])], axis=0)
+  views = [image[y:y + size, x:x + size] for y, x in corners]
+  views.append(center_crop(image, size))
+  views = tf.stack(views)
+  if crops == 5:
+    return views
+  return tf.concat([views, tf.reverse(views, axis=[2])], axis=0)
 
 
 def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> tf.Tensor:
@@ -264,14 +293,14 @@ def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> tf.Tensor:
   Args:
     data: see decode_and_crop.
     options: see Options (the augmentation fields are ignored).
-    crops: 1 (the centre) or 10 (see ten_crops).
+    crops: 1 (the centre), 5 or 10 (see multi_crops).
 
   Returns:
-    float32 [S, S, 3], or [10, S, S, 3] for 10 crops.
+    float32 [S, S, C], or [crops, S, S, C] for 5 or 10 crops.
   """
   size = options.image_size
-  if crops == 10:
-    return tf.ensure_shape(scale(ten_crops(canvas(data, options), size), options.std),
-                           [10, size, size, 3])
+  if crops > 1:
+    return tf.ensure_shape(scale(multi_crops(canvas(data, options), size, crops), options.std),
+                           [crops, size, size, options.channels])
   image = canvas_crop(data, options, lambda canvas_size: (canvas_size - size) // 2)
-  return tf.ensure_shape(scale(image, options.std), [size, size, 3])
+  return tf.ensure_shape(scale(image, options.std), [size, size, options.channels])

@@ -7,10 +7,11 @@ the sweep table read.
 
 from collections.abc import Mapping
 import json
-import pathlib
+import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 
 HISTORY_FILE = 'metrics.jsonl'
@@ -19,14 +20,15 @@ HISTORY_FILE = 'metrics.jsonl'
 class MetricWriter:
   """Writes scalar records to the console, TensorBoard and `metrics.jsonl`."""
 
-  def __init__(self, workdir: str | pathlib.Path):
+  def __init__(self, workdir: epath.PathLike):
     self._active = jax.process_index() == 0
-    self._history = pathlib.Path(workdir) / HISTORY_FILE
+    self._history = epath.Path(workdir) / HISTORY_FILE
     self._summary = None
     if self._active:
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
-      self._summary = tf.summary.create_file_writer(str(pathlib.Path(workdir) / 'tensorboard'))
+      self._summary = tf.summary.create_file_writer(
+          os.fspath(epath.Path(workdir) / 'tensorboard'))
 
   def write(self, step: int, kind: str, scalars: Mapping[str, float]) -> None:
     """Records `scalars` of one `kind` ('train', 'eval', ...) at `step`."""
@@ -49,9 +51,9 @@ class MetricWriter:
         self._tf.summary.text(name, text)
 
 
-def read_history(workdir: str | pathlib.Path) -> list[dict[str, float]]:
+def read_history(workdir: epath.PathLike) -> list[dict[str, float]]:
   """All records of `metrics.jsonl` in the workdir, oldest first ([] if there is none)."""
-  path = pathlib.Path(workdir) / HISTORY_FILE
+  path = epath.Path(workdir) / HISTORY_FILE
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -12,16 +12,15 @@ metrics are averaged (or summed) over devices through `parallel`, which is the o
 knows how the devices are arranged.
 """
 
-from collections.abc import Callable, Iterator
-import contextlib
+from collections.abc import Callable
+import dataclasses
 import functools
 import json
-import pathlib
-import signal
 import time
 from typing import Any
 
 from absl import logging
+from etils import epath
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
@@ -36,6 +35,7 @@ from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import plots
+from alexnet_jax import preemption
 from alexnet_jax import reporting
 
 
@@ -56,7 +56,8 @@ def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
   return models.AlexNet(
       num_classes=config.num_classes, variant=m.variant, dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(m.dtype), init_scheme=m.init, lrn_depth_radius=m.lrn_depth_radius,
-      lrn_bias=m.lrn_bias, lrn_alpha=m.lrn_alpha, lrn_beta=m.lrn_beta)
+      lrn_bias=m.lrn_bias, lrn_alpha=m.lrn_alpha, lrn_beta=m.lrn_beta,
+      conv1_padding=m.conv1_padding, input_channels=config.input_channels)
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
@@ -74,10 +75,12 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
   """
   model = create_model(config)
   init_rng, dropout_rng = jax.random.split(rng)
-  dummy = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+  dummy = jnp.zeros((1, config.image_size, config.image_size, config.input_channels),
+                    jnp.float32)
   params = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)['params']
   if init_from:
-    params = convert.initial_params(init_from, params, config.model.variant, config.image_size)
+    params = convert.initial_params(init_from, params, config.model.variant, config.image_size,
+                                    config.model.conv1_padding)
   return TrainState.create(
       apply_fn=model.apply, params=params, tx=optim.create_optimizer(config, params),
       dropout_rng=dropout_rng, plateau=optim.PlateauState.create())
@@ -91,11 +94,18 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) 
 
 
 def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-  """1.0 where the label is among the k highest scores. scores [B, K], labels [B] -> [B]."""
+  """1.0 where the label is among the k highest scores. scores [B, K], labels [B] -> [B].
+
+  Ranks as `lax.top_k` and `argmax` do (ties go to the lower class index), so a constant
+  output scores what chance and its ties allow, not 100%; a row with a NaN or infinite score
+  never counts as correct (an overflowed model must not look perfect to the plateau rule or
+  to the best checkpoint).
+  """
   label_scores = jnp.take_along_axis(scores, labels[:, None], axis=-1)
-  # Rank = number of classes scoring strictly higher; ties go in the label's favour.
-  rank = jnp.sum(scores > label_scores, axis=-1)
-  return (rank < k).astype(jnp.float32)
+  lower_index = jnp.arange(scores.shape[-1]) < labels[:, None]
+  ahead = (scores > label_scores) | ((scores == label_scores) & lower_index)
+  finite = jnp.all(jnp.isfinite(scores), axis=-1)
+  return ((jnp.sum(ahead, axis=-1) < k) & finite).astype(jnp.float32)
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
@@ -105,7 +115,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
 
   Args:
     state: this device's replica of the train state.
-    batch: {'image': float32 [b, S, S, 3], 'label': int32 [b]}.
+    batch: {'image': float32 [b, S, S, C], 'label': int32 [b]} (C = config.input_channels).
     learning_rate_fn: step -> base learning rate; the plateau scale multiplies it.
     label_smoothing: optional label smoothing of the targets.
   Returns:
@@ -148,25 +158,29 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.A
 
   Args:
     state: this device's replica of the train state.
-    batch: {'image': [b, S, S, 3] or [b, crops, S, S, 3], 'label': int32 [b], 'mask': bool [b]};
-      with crops, the softmax is averaged over them (the paper's 10-crop test).
+    batch: {'image': [b, S, S, C] or [b, crops, S, S, C], 'label': int32 [b], 'mask': bool [b]};
+      with crops, the softmax is averaged over them (the paper's 10-crop test), in log
+      space: log_probs = logsumexp_c(log_softmax(logits_c)) - log(crops).
   Returns:
-    Totals over devices: loss, top1, top5, count (scalars), and per-class correct / count
+    Totals over devices: loss (-log_probs of the label), top1, top5 (ranked by log_probs, see
+    `topk_correct`), count (scalars), and per-class correct / count
     ([num_classes] each) for per-class accuracy.
   """
   images = batch['image']
   crops = images.shape[1] if images.ndim == 5 else 1
   logits = state.apply_fn({'params': state.params},
                           images.reshape((-1,) + images.shape[-3:]), train=False)
-  probs = jax.nn.softmax(logits.reshape(images.shape[0], crops, -1)).mean(axis=1)
+  # log of the crops' mean softmax, in log space: exact where a probability underflows.
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32).reshape(images.shape[0], crops, -1))
+  log_probs = jax.nn.logsumexp(log_probs, axis=1) - jnp.log(crops)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
-  label_prob = jnp.take_along_axis(probs, labels[:, None], axis=-1)[:, 0]
-  top1 = topk_correct(probs, labels, 1)
-  one_hot = jax.nn.one_hot(labels, probs.shape[-1]) * mask[:, None]
+  label_log_prob = jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  top1 = topk_correct(log_probs, labels, 1)
+  one_hot = jax.nn.one_hot(labels, log_probs.shape[-1]) * mask[:, None]
   return parallel.sum_over_devices({
-      'loss': jnp.sum(-jnp.log(jnp.maximum(label_prob, 1e-30)) * mask),
+      'loss': -jnp.sum(jnp.where(mask > 0, label_log_prob, 0.0)),
       'top1': jnp.sum(top1 * mask),
-      'top5': jnp.sum(topk_correct(probs, labels, 5) * mask),
+      'top5': jnp.sum(topk_correct(log_probs, labels, 5) * mask),
       'count': jnp.sum(mask),
       'class_correct': jnp.sum(one_hot * top1[:, None], axis=0),
       'class_count': jnp.sum(one_hot, axis=0),
@@ -188,50 +202,49 @@ class Preempted(Exception):
 
 def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
              config: ml_collections.ConfigDict, devices: list[jax.Device],
-             crops: int | None = None) -> dict[str, Any]:
+             crops: int | None = None,
+             notice: preemption.Notice | None = None) -> dict[str, Any] | None:
   """One pass over the eval split; every example counted once, whatever the device count.
 
+  Args:
+    p_eval_step: `eval_step` under `parallel.pmap`.
+    replicated_state: the state on `devices`.
+    config: the run's config.
+    devices: this process's devices.
+    crops: the crops asked for (see `input_pipeline.eval_crops`); None: config.eval_crops.
+    notice: checked after every batch; when it says stop, the pass ends there.
   Returns:
-    loss, top1, top5 (means over examples), count, per_class_top1 (a list, NaN for classes
-    without examples), per_class_count (a list) and skipped_images (undecodable files, over
-    all processes; they are not in count).
+    loss, top1, top5 (means over examples), count, crops (the crops used), per_class_top1 (a
+    list, NaN for classes without examples), per_class_count (a list) and skipped_images
+    (undecodable files, over all processes; they are not in count). None when `notice`
+    stopped the pass.
+  Raises:
+    ValueError: the split has no example, or none of its images decodes.
   """
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  crops = input_pipeline.eval_crops(config, crops)
   totals = None
   batches = input_pipeline.create_eval_iterator(
       config, crops=crops, process_index=jax.process_index(), process_count=jax.process_count())
   for batch in batches:
     sums = p_eval_step(replicated_state, parallel.shard(batch, len(devices)))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  if totals is None:
-    raise ValueError(f'The eval split {config.eval_split!r} of {config.dataset!r} is empty.')
-  totals = parallel.unreplicate(totals)
-  count = float(totals['count'])
+    if notice is not None and notice.reached():
+      return None
+  skipped = parallel.sum_over_processes(batches.num_skipped)
+  totals = None if totals is None else parallel.unreplicate(totals)
+  count = 0.0 if totals is None else float(totals['count'])
+  if not count:
+    raise ValueError(f'No image of the {config.eval_split!r} split of {config.dataset!r} '
+                     f'could be evaluated: {skipped} files failed to decode (each is named in '
+                     'the log above).' if skipped else
+                     f'The eval split {config.eval_split!r} of {config.dataset!r} is empty.')
   with np.errstate(invalid='ignore', divide='ignore'):
     per_class = totals['class_correct'].astype(np.float64) / totals['class_count']
   return {'loss': float(totals['loss']) / count, 'top1': float(totals['top1']) / count,
-          'top5': float(totals['top5']) / count, 'count': count,
+          'top5': float(totals['top5']) / count, 'count': count, 'crops': crops,
           'per_class_top1': per_class.tolist(), 'per_class_count': totals['class_count'].tolist(),
-          'skipped_images': parallel.sum_over_processes(batches.num_skipped)}
-
-
-@contextlib.contextmanager
-def _sigterm_flag() -> Iterator[list[bool]]:
-  """Catches SIGTERM (a preemption notice) into a flag the loop reads between steps."""
-  flag = [False]
-  def handler(signum, frame):
-    del signum, frame
-    logging.warning('SIGTERM received: saving a checkpoint at the next step boundary.')
-    flag[0] = True
-  try:
-    previous = signal.signal(signal.SIGTERM, handler)
-  except ValueError:  # Not the main thread: leave signals alone.
-    yield flag
-    return
-  try:
-    yield flag
-  finally:
-    signal.signal(signal.SIGTERM, previous)
+          'skipped_images': skipped}
 
 
 def _check_finite(metrics: list[dict[str, Any]], first_step: int, config: ml_collections.ConfigDict,
@@ -250,19 +263,53 @@ def _check_finite(metrics: list[dict[str, Any]], first_step: int, config: ml_col
   return int(bad.size)
 
 
+# The final summary of a run, in its workdir.
+FINAL_METRICS_FILE = 'final_metrics.json'
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """What a training run will do, fixed before it starts (see `_set_up`)."""
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  devices: list[jax.Device]
+  steps_per_epoch: int
+  total_steps: int
+  eval_every: int
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str | pathlib.Path) -> tuple[TrainState, dict[str, Any]]:
+                       workdir: epath.PathLike) -> tuple[TrainState, dict[str, Any]]:
   """Trains and evaluates per `config`, resuming from the newest checkpoint in `workdir`.
 
-  A run without checkpoints starts from `config.init_from` when it is set.
+  A run without checkpoints starts from `config.init_from` when it is set. A workdir whose
+  run has finished is left as it is: its state and final metrics are returned.
 
   Returns:
     The final host train state and the final metrics (also in WORKDIR/final_metrics.json).
   """
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   start_time = time.time()
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+  plan = _set_up(config, workdir)
+  manager = checkpointing.create_manager(plan.workdir / checkpointing.DIRECTORY,
+                                         config.keep_checkpoints)
+  with checkpointing.closing(manager):
+    finished = _finished(plan, manager)
+    if finished is not None:
+      return finished
+    config_checks.write_config(config, plan.workdir)
+    parallel.sync_processes('config written')  # Other processes read it only after this.
+    writer = reporting.MetricWriter(plan.workdir)
+    state, meta = _restore_or_start(plan, manager, writer)
+    with preemption.watch() as notice:
+      loop = _Loop(plan, manager, writer, state, meta)
+      loop.run(notice)
+  return loop.finish(time.time() - start_time)
+
+
+def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan:
+  """Checks the config, devices and workdir, and counts the steps; writes nothing."""
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  workdir = epath.Path(workdir)
   config_checks.validate(config)
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
@@ -271,109 +318,184 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   info = input_pipeline.get_dataset_info(config)
   steps_per_epoch = max(1, info.num_train_examples // config.batch_size)
   total_steps = optim.total_train_steps(config, steps_per_epoch)
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+  logging.info('%s: %d train / %d eval examples, %d steps per epoch, %d steps in all, on %d '
+               'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
+               steps_per_epoch, total_steps, len(devices) * jax.process_count())
+  return _Plan(config=config, workdir=workdir, devices=devices, steps_per_epoch=steps_per_epoch,
+               total_steps=total_steps,
+               eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)))
 
-  writer = reporting.MetricWriter(workdir)
-  manager = checkpointing.create_manager(workdir / checkpointing.DIRECTORY,
-                                         config.keep_checkpoints)
+
+def _finished(plan: _Plan, manager: Any) -> tuple[TrainState, dict[str, Any]] | None:
+  """(state, final metrics) of a workdir whose run has ended, else None.
+
+  Touches no file, unless its last checkpoint is damaged: that one is moved aside (see
+  `checkpointing.restore_latest`) and the run is not finished any more.
+  """
+  path = plan.workdir / FINAL_METRICS_FILE
+  latest = manager.latest_step()
+  if latest is None or latest < plan.total_steps or not path.exists():
+    return None
+  final = json.loads(path.read_text())
+  if final.get('step') != latest:
+    return None  # Stopped after its last checkpoint, before its summary: finish it.
+  target = create_train_state(plan.config, jax.random.PRNGKey(plan.config.seed))
+  state, _ = checkpointing.restore_latest(
+      manager, target, checkpointing.config_to_dict(plan.config),
+      damaged_to=plan.workdir / checkpointing.DAMAGED_DIRECTORY)
+  if int(state.step) != latest:
+    return None
+  logging.info('%s holds a finished run: step %d of %d, final eval top-1 %.4f (%s). Nothing '
+               'to do; raise num_epochs or num_train_steps to train on.', plan.workdir, latest,
+               plan.total_steps, final.get('eval_top1') or float('nan'), path)
+  return state, final
+
+
+def _restore_or_start(plan: _Plan, manager: Any, writer: reporting.MetricWriter
+                      ) -> tuple[TrainState, dict[str, Any]]:
+  """The newest readable checkpoint's (state, meta), or a fresh state and meta."""
+  config = plan.config
   config_dict = checkpointing.config_to_dict(config)
   # The workdir's own checkpoints win over init_from: a rerun continues where it stopped.
   resuming = manager.latest_step() is not None
   state = create_train_state(config, jax.random.PRNGKey(config.seed),
                              None if resuming else config.init_from)
-  meta = {'config': config_dict, 'skipped_steps': 0}
-  restored = checkpointing.restore_latest(manager, state, config_dict)
-  if restored is not None:
-    state, meta = restored
-    meta['config'] = config_dict
-    logging.info('Resuming from the checkpoint at step %d.', int(state.step))
-  else:
+  restored = checkpointing.restore_latest(
+      manager, state, config_dict, damaged_to=plan.workdir / checkpointing.DAMAGED_DIRECTORY)
+  if restored is None:
     writer.write_text('config', str(config))
     model_summary = models.summary(create_model(config), config.image_size)
     writer.write_text('model', model_summary)
     if jax.process_index() == 0:
-      (workdir / 'model_summary.txt').write_text(model_summary)
-  start_step = int(state.step)
-  logging.info('%s: %d train / %d eval examples, %d steps per epoch, %d steps in all, on %d '
-               'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
-               steps_per_epoch, total_steps, len(devices) * jax.process_count())
+      (plan.workdir / 'model_summary.txt').write_text(model_summary)
+    return state, {'config': config_dict, 'skipped_steps': 0}
+  state, meta = restored
+  logging.info('Resuming from the checkpoint at step %d.', int(state.step))
+  # Every optimizer setting comes from the config in force (the learning rate is set by the
+  # step itself); the checkpoint's own would otherwise win silently.
+  state = state.replace(opt_state=optim.with_config_hyperparams(state.opt_state, config))
+  return state, {**meta, 'config': config_dict}
 
-  p_train_step = parallel.pmap(functools.partial(
-      train_step, learning_rate_fn=optim.create_learning_rate_fn(config, steps_per_epoch),
-      label_smoothing=config.label_smoothing), devices, donate_state=True)
-  p_eval_step = parallel.pmap(eval_step, devices)
-  train_batches = input_pipeline.create_train_iterator(
-      config, start_step=start_step, process_index=jax.process_index(),
-      process_count=jax.process_count())
-  batches = parallel.prefetch_to_device(train_batches, config.prefetch_to_device, devices)
-  replicated = parallel.replicate(state, devices)
-  throughput = reporting.Throughput(start_step, total_steps, config.batch_size)
-  eval_metrics, pending, pending_from, summary = {}, [], start_step, {}
-  step_drops = ({int(e * steps_per_epoch) for e in config.step_epochs}
-                if config.lr_schedule == 'step' else set())
 
-  def save(eval_top1=None):
-    host_state = parallel.unreplicate(replicated)
-    checkpointing.save(manager, host_state, meta, eval_top1)
+class _Loop:
+  """The step loop of one run and what happens at its logs, evaluations and saves."""
 
-  with _sigterm_flag() as preempted:
-    for step in range(start_step + 1, total_steps + 1):
-      replicated, metrics = p_train_step(replicated, next(batches))
-      pending.append(metrics)
-      if len(pending) > 1:
+  def __init__(self, plan: _Plan, manager: Any, writer: reporting.MetricWriter,
+               state: TrainState, meta: dict[str, Any]):
+    from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+    config = plan.config
+    self.plan, self.manager, self.writer, self.meta = plan, manager, writer, meta
+    self.start_step = int(state.step)
+    self.p_train_step = parallel.pmap(functools.partial(
+        train_step, label_smoothing=config.label_smoothing,
+        learning_rate_fn=optim.create_learning_rate_fn(config, plan.steps_per_epoch)),
+                                      plan.devices, donate_state=True)
+    self.p_eval_step = parallel.pmap(eval_step, plan.devices)
+    self.train_batches = input_pipeline.create_train_iterator(
+        config, start_step=self.start_step, process_index=jax.process_index(),
+        process_count=jax.process_count())
+    self.replicated = parallel.replicate(state, plan.devices)
+    self.throughput = reporting.Throughput(self.start_step, plan.total_steps, config.batch_size)
+    self.pending, self.pending_from = [], self.start_step
+    self.summary, self.eval_metrics = {}, {}
+    self.step_drops = ({int(e * plan.steps_per_epoch) for e in config.step_epochs}
+                       if config.lr_schedule == 'step' else set())
+
+  def run(self, notice: preemption.Notice) -> None:
+    """Steps to the end of the run; raises `Preempted` after saving when `notice` says so."""
+    plan, config = self.plan, self.plan.config
+    if self.meta.pop('eval_pending', False) and not self._evaluate(self.start_step, notice):
+      raise Preempted(self.start_step)  # Preempted again during the same evaluation.
+    batches = parallel.prefetch_to_device(self.train_batches, config.prefetch_to_device,
+                                          plan.devices)
+    for step in range(self.start_step + 1, plan.total_steps + 1):
+      self.replicated, metrics = self.p_train_step(self.replicated, next(batches))
+      self.pending.append(metrics)
+      if len(self.pending) > 1:
         # At most one step queued behind the running one: without this, dispatch runs up to
-        # log_every_steps ahead, and a SIGTERM waits for all of them before the save.
-        jax.block_until_ready(pending[-2])
-      is_last = step == total_steps
-      if step in step_drops:
-        writer.write(step, 'lr_drop', {'scale': config.plateau_factor})
-      if step % config.log_every_steps == 0 or step % eval_every == 0 or is_last or preempted[0]:
-        host = [parallel.unreplicate(m) for m in pending]
-        meta['skipped_steps'] += _check_finite(host, pending_from + 1, config,
-                                               manager.latest_step())
-        summary = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'top1', 'top5')}
-        summary.update(learning_rate=float(host[-1]['learning_rate']), epoch=step / steps_per_epoch,
-                       **throughput.report(step))
-        writer.write(step, 'train', summary)
-        pending, pending_from = [], step
-      if step % eval_every == 0 or is_last:
-        eval_metrics = evaluate(p_eval_step, replicated, config, devices)
-        writer.write(step, 'eval', {k: eval_metrics[k] for k in ('loss', 'top1', 'top5')})
-        if eval_metrics['top1'] > meta.get('best_eval_top1', -1.0):
-          meta.update(best_eval_top1=eval_metrics['top1'], best_eval_top5=eval_metrics['top5'])
-        plateau, dropped = optim.update_plateau(
-            parallel.unreplicate(replicated.plateau), eval_metrics['top1'], config)
-        if dropped:
-          logging.info('Validation top-1 stopped improving: learning rate x%g at step %d.',
-                       config.plateau_factor, step)
-          writer.write(step, 'lr_drop', {'scale': float(plateau.scale)})
-        replicated = replicated.replace(plateau=parallel.replicate(plateau, devices))
-        if jax.process_index() == 0:
-          plots.plot_learning_curves(reporting.read_history(workdir), workdir / 'curves.png',
-                                     steps_per_epoch)
-        save(eval_metrics['top1'])
-      elif step % config.checkpoint_every_steps == 0 or preempted[0]:
-        save()
-      if preempted[0]:
-        checkpointing.wait(manager)
+        # log_every_steps ahead, and a preemption waits for all of them before the save.
+        jax.block_until_ready(self.pending[-2])
+      stop = notice.reached()
+      is_eval = step % plan.eval_every == 0 or step == plan.total_steps
+      if step in self.step_drops:
+        self.writer.write(step, 'lr_drop', {'scale': config.plateau_factor})
+      if step % config.log_every_steps == 0 or is_eval or stop:
+        self._log_train(step)
+      if is_eval and not stop:
+        stop = not self._evaluate(step, notice)
+      elif is_eval or stop or step % config.checkpoint_every_steps == 0:
+        self._save(eval_pending=is_eval)
+      if stop:
+        checkpointing.wait(self.manager)
         raise Preempted(step)
-  checkpointing.wait(manager)
-  manager.close()
 
-  state = parallel.unreplicate(replicated)
-  final = {'step': int(state.step), 'epoch': int(state.step) / steps_per_epoch,
-           'train_loss': summary.get('loss'), 'eval_loss': eval_metrics.get('loss'),
-           'eval_top1': eval_metrics.get('top1'), 'eval_top5': eval_metrics.get('top5'),
-           'best_eval_top1': meta.get('best_eval_top1'),
-           'best_eval_top5': meta.get('best_eval_top5'), 'skipped_steps': meta['skipped_steps'],
-           # Since this run started (not before a resume); includes the prefetched batches.
-           'skipped_train_images': parallel.sum_over_processes(train_batches.num_skipped),
-           'skipped_eval_images': eval_metrics.get('skipped_images', 0),
-           'wall_time_s': time.time() - start_time}
-  if final['skipped_train_images'] or final['skipped_eval_images']:
-    logging.warning('Skipped %d undecodable training images and %d in the last evaluation '
-                    '(each named in the log).', final['skipped_train_images'],
-                    final['skipped_eval_images'])
-  if jax.process_index() == 0:
-    (workdir / 'final_metrics.json').write_text(json.dumps(final, indent=2))
-  return state, final
+  def _log_train(self, step: int) -> None:
+    """Checks and writes the train metrics of the steps since the last log."""
+    host = [parallel.unreplicate(m) for m in self.pending]
+    self.meta['skipped_steps'] += _check_finite(host, self.pending_from + 1, self.plan.config,
+                                                self.manager.latest_step())
+    self.summary = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'top1', 'top5')}
+    self.summary.update(learning_rate=float(host[-1]['learning_rate']),
+                        epoch=step / self.plan.steps_per_epoch, **self.throughput.report(step))
+    self.writer.write(step, 'train', self.summary)
+    self.pending, self.pending_from = [], step
+
+  def _evaluate(self, step: int, notice: preemption.Notice) -> bool:
+    """Evaluates, runs the plateau rule, plots and saves; False if `notice` cut it short
+    (then the state is saved to be evaluated on resume)."""
+    config = self.plan.config
+    metrics = evaluate(self.p_eval_step, self.replicated, config, self.plan.devices,
+                       notice=notice)
+    if metrics is None:
+      logging.warning('Preempted during the evaluation of step %d: it runs again on resume.',
+                      step)
+      self._save(eval_pending=True)
+      return False
+    self.eval_metrics = metrics
+    self.writer.write(step, 'eval', {k: metrics[k] for k in ('loss', 'top1', 'top5')})
+    if metrics['top1'] > self.meta.get('best_eval_top1', -1.0):
+      self.meta.update(best_eval_top1=metrics['top1'], best_eval_top5=metrics['top5'])
+    plateau, dropped = optim.update_plateau(
+        parallel.unreplicate(self.replicated.plateau), metrics['top1'], config)
+    if dropped:
+      logging.info('Validation top-1 stopped improving: learning rate x%g at step %d.',
+                   config.plateau_factor, step)
+      self.writer.write(step, 'lr_drop', {'scale': float(plateau.scale)})
+    self.replicated = self.replicated.replace(
+        plateau=parallel.replicate(plateau, self.plan.devices))
+    if jax.process_index() == 0:
+      plots.plot_learning_curves(reporting.read_history(self.plan.workdir),
+                                 self.plan.workdir / 'curves.png', self.plan.steps_per_epoch)
+    self._save(metrics['top1'])
+    return True
+
+  def _save(self, eval_top1: float | None = None, eval_pending: bool = False) -> None:
+    """Saves the state; `eval_pending`: its step's evaluation is still to run (on resume)."""
+    state = parallel.unreplicate(self.replicated)
+    if int(state.step) in self.manager.all_steps():
+      # Saved before, when a preemption cut its evaluation short; now with the evaluation.
+      self.manager.delete(int(state.step))
+    meta = {**self.meta, 'eval_pending': True} if eval_pending else self.meta
+    checkpointing.save(self.manager, state, meta, eval_top1)
+
+  def finish(self, wall_time_s: float) -> tuple[TrainState, dict[str, Any]]:
+    """The final state and metrics; writes final_metrics.json (process 0)."""
+    state = parallel.unreplicate(self.replicated)
+    run, meta, eval_metrics = self.plan, self.meta, self.eval_metrics
+    final = {'step': int(state.step), 'epoch': int(state.step) / run.steps_per_epoch,
+             'train_loss': self.summary.get('loss'), 'eval_loss': eval_metrics.get('loss'),
+             'eval_top1': eval_metrics.get('top1'), 'eval_top5': eval_metrics.get('top5'),
+             'eval_crops': eval_metrics.get('crops'),
+             'best_eval_top1': meta.get('best_eval_top1'),
+             'best_eval_top5': meta.get('best_eval_top5'), 'skipped_steps': meta['skipped_steps'],
+             # Since this run started (not before a resume); includes the prefetched batches.
+             'skipped_train_images': parallel.sum_over_processes(self.train_batches.num_skipped),
+             'skipped_eval_images': eval_metrics.get('skipped_images', 0),
+             'wall_time_s': wall_time_s}
+    if final['skipped_train_images'] or final['skipped_eval_images']:
+      logging.warning('Skipped %d undecodable training images and %d in the last evaluation '
+                      '(each named in the log).', final['skipped_train_images'],
+                      final['skipped_eval_images'])
+    if jax.process_index() == 0:
+      (run.workdir / FINAL_METRICS_FILE).write_text(json.dumps(final, indent=2))
+    return state, final

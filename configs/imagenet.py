@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train_split = 'train'
   config.eval_split = 'validation'  # ILSVRC-2012 val; the paper reports on it.
   config.num_classes = 1000
+  # 3: RGB (paper; grey files are repeated to RGB). 1: grey, colour files reduced to their
+  # luminance (d2l's Fashion-MNIST); needs pca_lighting_std=0, no 'channel' mean, no std.
+  config.input_channels = 3
 
   # ------------------------------------------------------ preprocessing
   config.image_size = 224  # Paper: 224 (with conv1 padding as torchvision; Caffe crops 227).
@@ -44,7 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Paper/Caffe: pixels stay on the 0-255 scale. True: divide by the per-channel ImageNet std
   # (torchvision), which 'he' init assumes: unit-variance inputs.
   config.divide_by_std = False
-  config.eval_crops = 1  # 1: centre crop (Caffe/torchvision numbers); 10: the paper's 10-crop.
+  # d2l (torchvision's ToTensor alone): divide by 255, pixels on [0, 1]. Not with divide_by_std.
+  config.divide_by_255 = False
+  # 1: centre crop (Caffe/torchvision numbers); 10: the paper's 10-crop, which becomes the 5
+  # unmirrored crops where random_flip is off; 5: those 5 crops.
+  config.eval_crops = 1
   config.on_bad_image = 'skip'  # 'skip' (warn, count) or 'raise' on undecodable files.
 
   # ------------------------------------------------------------ tf.data
@@ -57,9 +64,16 @@ def get_config() -> ml_collections.ConfigDict:
 
   # -------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
-  config.model.variant = 'paper'  # 'paper' (grouped, LRN) or 'torchvision' (one weird trick).
+  # 'paper' (grouped, LRN), 'torchvision' (one weird trick) or 'd2l' (Dive into Deep
+  # Learning's: the paper's widths, no groups, no LRN, conv1 padded by 1).
+  config.model.variant = 'paper'
+  # conv1's padding. None: the variant's own, 2 for 'paper' and 'torchvision' (torchvision's:
+  # 224 px then gives the paper's 55x55) and 1 for 'd2l' (its code). 0 with image_size=227:
+  # Caffe's and CS231n's geometry (55x55x96 after conv1, as the lecture slides).
+  config.model.conv1_padding = ml_collections.FieldReference(None, field_type=int)
   # 'paper': N(0, 0.01), bias 1 in conv2/4/5/fc6/fc7. 'caffe': bias 0.1, fc6/7 std 0.005.
-  # 'he': Kaiming-normal, zero bias (quick modern runs).
+  # 'he': Kaiming-normal, zero bias (quick modern runs). 'xavier': d2l's Xavier-uniform
+  # weights, biases at torch's default U(+-1/sqrt(fan_in)).
   config.model.init = 'paper'
   config.model.dropout_rate = 0.5  # Paper.
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for speed on GPU/TPU.
@@ -89,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.plateau_factor = 0.1  # Paper: divide by 10.
   config.plateau_patience = 3  # Evaluations without improvement before a drop (our choice).
   config.plateau_min_delta = 1e-3  # Smallest top-1 gain that counts as improvement.
+  # 'abs': a gain of more than min_delta (PyTorch ReduceLROnPlateau's threshold_mode='abs');
+  # 'rel': more than best * min_delta (PyTorch's default 'rel').
+  config.plateau_threshold_mode = 'abs'
   config.plateau_max_drops = 3  # Paper: "reduced three times prior to termination".
   config.step_epochs = (30, 60, 80)
   config.warmup_epochs = 0.0

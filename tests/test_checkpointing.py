@@ -2,8 +2,10 @@
 
 import logging
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import flax
 import jax.numpy as jnp
@@ -125,3 +127,70 @@ def test_full_disk_while_saving_is_a_clear_error_and_previous_stays(tmp_path):
   assert 'latest: step 1' in result.stdout
   state, _ = _restore(tmp_path)
   assert int(state.step) == 1
+
+
+def test_damaged_checkpoint_is_moved_aside_and_its_step_can_be_saved_again(tmp_path):
+  directory, damaged_to = tmp_path / 'checkpoints', tmp_path / 'checkpoints-damaged'
+  _save_steps(directory, [1, 2]).close()
+  for path in (directory / '2' / 'state').rglob('*'):
+    if path.is_file():
+      path.unlink()
+  manager = checkpointing.create_manager(directory, keep=5)
+  state, _ = checkpointing.restore_latest(manager, _state(0), CONFIG, damaged_to=damaged_to)
+  assert int(state.step) == 1 and manager.all_steps() == [1]
+  assert (damaged_to / '2' / 'meta').is_dir()
+  checkpointing.save(manager, _state(2, 7.0), {'config': CONFIG})  # Was StepAlreadyExists.
+  checkpointing.wait(manager)
+  manager.close()
+  restored, _ = _restore(directory)
+  assert int(restored.step) == 2 and restored.params['fc8']['kernel'][0, 0] == 7.0
+
+
+_UNREADABLE_SCRIPT = """
+import os, sys
+sys.path.insert(0, {test_dir!r})
+from test_checkpointing import _state, CONFIG
+from alexnet_jax import checkpointing
+manager = checkpointing.create_manager({directory!r}, keep=5, read_only=True)
+# Everything imported as root (Python's own files may be root's alone); then nobody, for
+# whom the checkpoint's files (mode 000, root's) are unreadable.
+os.setgid(65534)
+os.setuid(65534)
+try:
+  restored = checkpointing.restore_latest(manager, _state(0), CONFIG, damaged_to={damaged_to!r})
+  print('RESTORED:', restored and int(restored[0].step))
+except checkpointing.CheckpointError as e:
+  print('CLEAR:', e)
+  sys.exit(3)
+"""
+
+
+@pytest.fixture
+def world_readable_dir():
+  """A fresh directory under /tmp that another user can reach (pytest's tmp_path is root's)."""
+  path = pathlib.Path(tempfile.mkdtemp())
+  path.chmod(0o755)
+  yield path
+  shutil.rmtree(path)
+
+
+def test_unreadable_checkpoint_is_reported_as_such_and_nothing_moves(world_readable_dir):
+  """A permission error is not damage: the run stops naming it, and every file stays."""
+  tmp_path = world_readable_dir
+  directory = tmp_path / 'checkpoints'
+  _save_steps(directory, [1, 2]).close()
+  for path in tmp_path.rglob('*'):
+    path.chmod(0o755 if path.is_dir() else 0o644)
+  for path in (directory / '2' / 'state').rglob('*'):
+    if path.is_file():
+      path.chmod(0)
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  script = _UNREADABLE_SCRIPT.format(test_dir=str(pathlib.Path(__file__).parent),
+                                     directory=str(directory),
+                                     damaged_to=str(tmp_path / 'checkpoints-damaged'))
+  result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                          timeout=120, cwd=pathlib.Path(__file__).parents[1], check=False)
+  assert result.returncode == 3, result.stdout + result.stderr[-3000:]
+  assert 'checkpoint of step 2' in result.stdout and 'PermissionError' in result.stdout
+  assert 'nothing was changed' in result.stdout
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before

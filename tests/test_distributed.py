@@ -9,7 +9,9 @@ between device counts by design and only dropout-free runs have one result to co
 """
 
 import pathlib
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 
 from test_main import env  # pylint: disable=unused-import  # The fixture.
-from test_main import REPO, final_params, main_command, run_main
+from test_main import REPO, assert_bit_equal, final_params, main_command, run_main
 
 STEPS = 2  # Steps of each run: 2 processes, then 1 device, then 2 devices.
 # num_devices=0: all the devices XLA_FLAGS gives. A constant learning rate, since cosine decays
@@ -113,20 +115,30 @@ def reference(tmp_path_factory, env):
   return workdir
 
 
-@pytest.fixture(scope='module')
-def two_processes(tmp_path_factory, env):
-  """A STEPS-step run of 2 processes with 1 device each: (workdir, process 1's workdir).
+def process_workdirs(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """(workdir, process 1's workdir) of a 2-process run under `root`.
 
   Process 1 has a workdir of its own whose checkpoints/ links to process 0's (Orbax needs one
   directory that all processes see), so anything else it writes shows up there.
   """
-  root = tmp_path_factory.mktemp('two_processes')
   workdir, workdir1 = root / 'run', root / 'process1'
   (workdir / 'checkpoints').mkdir(parents=True)
   workdir1.mkdir()
   (workdir1 / 'checkpoints').symlink_to(workdir / 'checkpoints')
-  codes, logs = run_processes([workdir, workdir1], *FLAGS, f'--config.num_train_steps={STEPS}',
-                              env=with_devices(env, 1))
+  return workdir, workdir1
+
+
+# Steps of the 2-process runs: long enough for a SIGTERM to land mid-run.
+LONG = 5 * STEPS
+
+
+@pytest.fixture(scope='module')
+def two_processes(tmp_path_factory, env):
+  """A LONG-step run of 2 processes with 1 device each, every checkpoint kept:
+  (workdir, process 1's workdir)."""
+  workdir, workdir1 = process_workdirs(tmp_path_factory.mktemp('two_processes'))
+  codes, logs = run_processes([workdir, workdir1], *FLAGS, f'--config.num_train_steps={LONG}',
+                              '--config.keep_checkpoints=10', env=with_devices(env, 1))
   assert codes == [0, 0], logs
   return workdir, workdir1
 
@@ -135,7 +147,7 @@ def test_two_processes_train_as_one_process_on_the_same_global_batch(two_process
   workdir, _ = two_processes
   log = pathlib.Path(f'{workdir}.log').read_text()
   assert 'on 2 processes' in log and 'on 2 devices' in log
-  assert_params_close(final_params(workdir), final_params(reference, step=STEPS))
+  assert_params_close(final_params(workdir, step=STEPS), final_params(reference, step=STEPS))
 
 
 def test_only_process_0_writes_logs_and_summaries(two_processes):
@@ -143,13 +155,16 @@ def test_only_process_0_writes_logs_and_summaries(two_processes):
   assert [p.name for p in workdir1.iterdir()] == ['checkpoints']
   assert {'metrics.jsonl', 'tensorboard', 'final_metrics.json', 'model_summary.txt',
           'config.json', 'curves.png'} <= {p.name for p in workdir.iterdir()}
-  assert f'[{STEPS}] train' in pathlib.Path(f'{workdir}.log').read_text()
-  assert f'[{STEPS}] train' not in pathlib.Path(f'{workdir1}.log').read_text()
+  assert f'[{LONG}] train' in pathlib.Path(f'{workdir}.log').read_text()
+  assert f'[{LONG}] train' not in pathlib.Path(f'{workdir1}.log').read_text()
 
 
 def test_checkpoint_resumes_on_another_device_count(two_processes, reference, tmp_path, env):
   workdir = tmp_path / 'run'
   shutil.copytree(two_processes[0], workdir)  # Saved on 2 devices (of 2 processes).
+  for later in (workdir / 'checkpoints').iterdir():  # Resume from step STEPS.
+    if later.name.isdigit() and int(later.name) > STEPS:
+      shutil.rmtree(later)
   for devices, steps in ((1, 2 * STEPS), (2, 3 * STEPS)):
     result = run_main(workdir, *FLAGS, f'--config.num_train_steps={steps}',
                       env=with_devices(env, devices))
@@ -158,3 +173,42 @@ def test_checkpoint_resumes_on_another_device_count(two_processes, reference, tm
     assert f'on {devices} devices' in result.stderr
   assert_same_training(final_params(workdir), final_params(reference),
                        start=final_params(reference, step=STEPS))
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bit_exactly(
+    tmp_path, env, two_processes):
+  """JAX's preemption service carries process 1's notice to process 0: both save the same
+  step and exit 143; the rerun of both ends as the uninterrupted 2-process run did."""
+  workdirs = process_workdirs(tmp_path)
+  coordinator = [f'--coordinator_address=127.0.0.1:{free_port()}', '--num_processes=2']
+  flags = [*FLAGS, f'--config.num_train_steps={LONG}', '--config.keep_checkpoints=10']
+  processes, logs = [], []
+  try:
+    for index, workdir in enumerate(workdirs):
+      logs.append(open(f'{workdir}.log', 'w'))  # pylint: disable=consider-using-with
+      processes.append(subprocess.Popen(
+          main_command(workdir, *flags, *coordinator, f'--process_id={index}'), cwd=REPO,
+          env=with_devices(env, 1), stdout=logs[-1], stderr=subprocess.STDOUT))
+    deadline = time.monotonic() + 300
+    while not (workdirs[0] / 'checkpoints' / str(STEPS)).exists():
+      assert all(p.poll() is None for p in processes) and time.monotonic() < deadline
+      time.sleep(0.05)
+    processes[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=180) for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+    for log in logs:
+      log.close()
+  texts = [pathlib.Path(f'{w}.log').read_text() for w in workdirs]
+  assert codes == [143, 143], [t[-2000:] for t in texts]
+  saved = [re.search(r'Preempted: checkpoint of step (\d+) saved', t) for t in texts]
+  assert saved[0] and saved[1], [t[-2000:] for t in texts]
+  step = int(saved[0].group(1))
+  assert int(saved[1].group(1)) == step and STEPS <= step < LONG
+  assert int(final_params(workdirs[0])['/step']) == step
+  codes, logs_text = run_processes(list(workdirs), *flags, env=with_devices(env, 1))
+  assert codes == [0, 0], logs_text
+  assert f'Resuming from the checkpoint at step {step}.' in logs_text
+  assert_bit_equal(final_params(workdirs[0]), final_params(two_processes[0]))

@@ -4,9 +4,11 @@ Every run is a real subprocess on a tiny digits config. They share a JAX compila
 so only the first one pays for compiling the steps.
 """
 
+import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,9 +89,12 @@ def test_main_runs_and_leaves_its_outputs(uninterrupted):
 
 
 def test_second_run_resumes_at_saved_step(tmp_path, env):
-  first = run_main(tmp_path, '--config.num_train_steps=4', env=env)
+  # A constant schedule: under cosine the horizon, num_train_steps, may not change.
+  first = run_main(tmp_path, '--config.num_train_steps=4', '--config.lr_schedule=constant',
+                   env=env)
   assert first.returncode == 0, first.stderr[-3000:]
-  second = run_main(tmp_path, '--config.num_train_steps=8', env=env)
+  second = run_main(tmp_path, '--config.num_train_steps=8', '--config.lr_schedule=constant',
+                    env=env)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 4' in second.stderr
   assert '[8] train' in second.stderr and '[4] train' not in second.stderr
@@ -162,3 +167,69 @@ def test_workdir_of_another_config_is_refused(tmp_path, env):
   assert second.returncode == 1
   assert 'learning_rate: workdir 0.01, now 0.5' in second.stderr
   assert 'allow_config_change' in second.stderr
+
+
+def _file_stats(workdir) -> dict[str, tuple[int, int]]:
+  return {str(p.relative_to(workdir)): (p.stat().st_mtime_ns, p.stat().st_size)
+          for p in pathlib.Path(workdir).rglob('*') if p.is_file()}
+
+
+def test_rerun_of_a_finished_run_says_so_and_leaves_every_file(tmp_path, env, uninterrupted):
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  before = _file_stats(workdir)
+  summary = (workdir / 'final_metrics.json').read_text()
+  rerun = run_main(workdir, '--config.num_train_steps=12', env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  top1 = json.loads(summary)['eval_top1']
+  assert f'holds a finished run: step 12 of 12, final eval top-1 {top1:.4f}' in rerun.stderr
+  assert _file_stats(workdir) == before
+  assert (workdir / 'final_metrics.json').read_text() == summary
+
+
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_bit_exactly(
+    tmp_path, env, uninterrupted):
+  """The run is complete, then its last checkpoint is damaged: a rerun warns, moves it aside,
+  restores step 8, trains through step 12 (where saving used to fail: the step existed) and
+  ends as the uninterrupted run did; a rerun after that finds it finished."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(uninterrupted, workdir)
+  for path in (workdir / 'checkpoints' / '12' / 'state' / 'ocdbt.process_0').rglob('*'):
+    if path.is_file():
+      path.write_bytes(path.read_bytes()[:10])
+  rerun = run_main(workdir, '--config.num_train_steps=12', env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  damaged = workdir / 'checkpoints-damaged' / '12'
+  assert 'Skipped damaged checkpoint step 12' in rerun.stderr
+  assert f'moved to {damaged}' in rerun.stderr
+  assert 'Resuming from the checkpoint at step 8' in rerun.stderr
+  assert 'Traceback' not in rerun.stderr and 'Event loop is closed' not in rerun.stderr
+  assert (damaged / 'state').is_dir()
+  assert_bit_equal(final_params(workdir), final_params(uninterrupted))
+  again = run_main(workdir, '--config.num_train_steps=12', env=env)
+  assert again.returncode == 0 and 'holds a finished run: step 12' in again.stderr
+
+
+def test_sigterm_during_a_long_evaluation_saves_and_the_rerun_evaluates_it(
+    tmp_path, env, uninterrupted):
+  """The last step's evaluation covers the whole split in batches of 8 (45 batches): a
+  SIGTERM while it runs stops it after the current batch; the rerun evaluates step 12 again
+  and ends with the uninterrupted run's parameters."""
+  flags = ['--config.num_train_steps=12', '--config.steps_per_eval=-1',
+           '--config.eval_batch_size=8']
+  process = subprocess.Popen(main_command(tmp_path, *flags), cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  history = tmp_path / 'metrics.jsonl'
+  _wait_for(lambda: history.exists() and '"step": 12, "kind": "train"' in history.read_text(),
+            process)
+  process.send_signal(signal.SIGTERM)
+  output, _ = process.communicate(timeout=120)
+  assert process.returncode == 143, output[-3000:]
+  assert 'Preempted during the evaluation of step 12' in output, output[-3000:]
+  assert 'Preempted: checkpoint of step 12 saved' in output
+  rerun = run_main(tmp_path, *flags, env=env)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  final = json.loads((tmp_path / 'final_metrics.json').read_text())
+  assert final['step'] == 12 and final['eval_top1'] is not None
+  assert '[12] eval' in rerun.stderr
+  assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))

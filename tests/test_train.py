@@ -2,6 +2,7 @@
 
 import functools
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -218,7 +219,8 @@ def test_a_run_reports_the_images_it_skipped(folder_with_bad_files, tmp_path, ca
                        resize_size=66, batch_size=4, eval_batch_size=8, num_train_steps=2,
                        prefetch_to_device=1, num_devices=1, cache=False)
   caplog.set_level('WARNING')
-  _, final = train.train_and_evaluate(config, tmp_path)
+  # The workdir as an epath.Path, as a remote one (gs://...) would come: no pathlib on it.
+  _, final = train.train_and_evaluate(config, epath.Path(tmp_path))
   # The 2 steps are the first epoch (prefetch_to_device=1 pulls no batch beyond the last).
   assert final['skipped_train_images'] == 2
   assert final['skipped_eval_images'] == 2

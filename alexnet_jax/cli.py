@@ -5,6 +5,7 @@ exit status, never a traceback.
 """
 
 import contextlib
+import functools
 import logging as logging_std
 import os
 import sys
@@ -37,6 +38,9 @@ class ModelFlags(NamedTuple):
   init_from: flags.FlagHolder
 
 
+# Once per process: a command may use another's helpers (neighbours loads images as predict
+# does), and importing both must not define the flags twice.
+@functools.cache
 def define_model_flags() -> ModelFlags:
   """Defines --workdir, --config, --checkpoint and --init_from; returns their holders."""
   return ModelFlags(

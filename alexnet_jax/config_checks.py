@@ -15,6 +15,7 @@ import ml_collections
 
 from alexnet_jax import models
 from alexnet_jax import optim
+from alexnet_jax import parallel
 
 # What a run's config is saved as in its workdir.
 CONFIG_FILE = 'config.json'
@@ -32,6 +33,7 @@ _CHOICES = {
     'optimizer': optim.OPTIMIZERS,
     'lr_schedule': optim.SCHEDULES,
     'on_nonfinite': ('stop', 'skip'),
+    'parallelism': parallel.PARALLELISMS,
     'eval_crops': (1, 5, 10),
     'plateau_threshold_mode': ('abs', 'rel'),
 }
@@ -45,7 +47,7 @@ _FREE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'allow_config_change', 'num_devices', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_epochs', 'steps_per_eval',
     'eval_batch_size', 'eval_crops', 'data_dir', 'manual_dir', 'prefetch_to_device',
-    'num_parallel_calls', 'private_threadpool_size', 'init_from',
+    'num_parallel_calls', 'private_threadpool_size', 'init_from', 'parallelism',
 })
 # Free fields that set the cosine schedule's horizon (see `check_workdir`).
 _HORIZON_FIELDS = frozenset({'num_epochs', 'num_train_steps'})

@@ -1,4 +1,5 @@
-"""Where examples come from: TFDS, an image folder or scikit-learn's bundled digits.
+"""Where examples come from: TFDS, an image folder, scikit-learn's bundled digits, or the
+shards of alexnet_jax.prepare.
 
 A source lists a split as a tf.data stream of handles, small dicts {'key': the example's name
 for warnings (file path or TFDS id), 'label': int32, ...}, in a canonical order or in an order
@@ -11,6 +12,7 @@ Used through input_pipeline, which keeps TensorFlow off the GPUs.
 
 import abc
 import functools
+import json
 import os
 from typing import Optional
 
@@ -28,6 +30,8 @@ IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp')
 # The files the installed TFDS imagenet2012 builder reads from its manual dir.
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 DIGITS_TEST_FRACTION = 0.2
+# What alexnet_jax.prepare writes next to its shards.
+PREPARED_METADATA = 'metadata.json'
 
 ShuffleSeed = Optional[tuple[int, int]]
 
@@ -108,9 +112,7 @@ class TfdsSource(Source):
 
   def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
     self._check_split(split)
-    seed = None
-    if shuffle_seed is not None:
-      seed = int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0])
+    seed = _int_seed(shuffle_seed)
     ds = self._builder.as_dataset(
         split=split,
         shuffle_files=seed is not None,
@@ -130,8 +132,70 @@ class TfdsSource(Source):
     return handle['image']
 
 
+def _int_seed(shuffle_seed: ShuffleSeed) -> Optional[int]:
+  """One int seed for TensorFlow's shuffles, from the pair (None stays None: no shuffle)."""
+  if shuffle_seed is None:
+    return None
+  return int(np.random.SeedSequence(shuffle_seed).generate_state(1)[0])
+
+
+class PreparedSource(Source):
+  """The TFRecord shards of alexnet_jax.prepare in data_dir, described by its metadata.json.
+
+  A handle is a parsed record, {'key': the original file's name, 'label', 'image': JPEG
+  bytes}; a shuffle reads the split's shards in a seeded order through a seeded shuffle buffer
+  (as TfdsSource does).
+  """
+
+  def __init__(self, data_dir: Optional[str], shuffle_buffer_size: int):
+    path = os.path.join(data_dir or '', PREPARED_METADATA)
+    if not data_dir or not tf.io.gfile.exists(path):
+      raise ValueError(f"dataset='prepared' needs config.data_dir holding {PREPARED_METADATA} "
+                       f'(not found: {path}); write it with python -m alexnet_jax.prepare '
+                       '--config=<the original config> --output=DIR.')
+    with tf.io.gfile.GFile(path) as f:
+      self._metadata = json.load(f)
+    self._data_dir = data_dir
+    self._shuffle_buffer_size = shuffle_buffer_size
+    self.class_names = self._metadata['class_names']
+    self.encoded = True
+
+  def _split(self, split: str) -> dict:
+    if split not in self._metadata['splits']:
+      raise ValueError(f'Unknown split {split!r} of the prepared {self._data_dir}; it has '
+                       f'{sorted(self._metadata["splits"])}.')
+    return self._metadata['splits'][split]
+
+  def num_examples(self, split: str) -> int:
+    return self._split(split)['num_examples']
+
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
+    files = [os.path.join(self._data_dir, name) for name in self._split(split)['shards']]
+    seed = _int_seed(shuffle_seed)
+    if seed is not None:
+      files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+    features = {'image/encoded': tf.io.FixedLenFeature([], tf.string),
+                'image/class/label': tf.io.FixedLenFeature([], tf.int64),
+                'image/filename': tf.io.FixedLenFeature([], tf.string)}
+
+    def handle(record):
+      example = tf.io.parse_single_example(record, features)
+      return {'key': example['image/filename'],
+              'label': tf.cast(example['image/class/label'], tf.int32),
+              'image': example['image/encoded']}
+
+    ds = tf.data.TFRecordDataset(files).map(handle)
+    if seed is not None:
+      ds = ds.shuffle(self._shuffle_buffer_size, seed=seed)
+    return ds
+
+  def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
+    return handle['image']
+
+
 def get_source(config) -> Source:
-  """The source config.dataset names: 'folder', 'digits', or a TFDS name (prepared if need be).
+  """The source config.dataset names: 'folder', 'digits', 'prepared' (alexnet_jax.prepare's
+  output in config.data_dir), or a TFDS name (prepared if need be).
 
   Raises:
     ValueError: the data are missing, with what to put where.
@@ -140,6 +204,8 @@ def get_source(config) -> Source:
     return folder_source(config.data_dir, config.train_split, config.eval_split)
   if config.dataset == 'digits':
     return digits_source()
+  if config.dataset == 'prepared':
+    return PreparedSource(config.data_dir, config.shuffle_buffer_size)
   return TfdsSource(tfds_builder(config.dataset, config.data_dir, config.manual_dir),
                     config.shuffle_buffer_size)
 
@@ -277,8 +343,8 @@ def _find_builder(name: str, data_dir: Optional[str]) -> tfds.core.DatasetBuilde
   try:
     return tfds.builder(name, data_dir=data_dir)
   except tfds.core.DatasetNotFoundError as e:
-    raise ValueError(f"config.dataset={name!r} is neither 'folder', 'digits', 'fake' nor a "
-                     f'TFDS dataset: {e}') from e
+    raise ValueError(f"config.dataset={name!r} is neither 'folder', 'digits', 'prepared', "
+                     f"'fake' nor a TFDS dataset: {e}") from e
 
 
 def _supervised_keys(builder: tfds.core.DatasetBuilder) -> tuple[str, str]:

@@ -49,9 +49,9 @@ def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
   """Runs config.eval_split on config.num_devices local devices; see `train.evaluate`."""
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
-  p_eval_step = parallel.pmap(train.eval_step, devices)
-  return train.evaluate(p_eval_step, parallel.replicate(state, devices), config, devices,
-                        crops)
+  data_parallel = parallel.create(config.parallelism, devices)
+  return train.evaluate(data_parallel.map(train.eval_step), data_parallel.put_state(state),
+                        config, data_parallel, crops)
 
 
 def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -> dict[str, Any]:

@@ -22,6 +22,9 @@ def load_config(config: ml_collections.ConfigDict | None,
                 workdir: epath.PathLike) -> ml_collections.ConfigDict:
   """`config` if given, else the config the training run saved in `workdir`.
 
+  A saved config from before a field existed gets that field's old behaviour (`_ADDED_FIELDS`),
+  so older runs still evaluate and predict.
+
   Raises:
     FileNotFoundError: no `config`, and the workdir has no saved config.
   """
@@ -31,7 +34,25 @@ def load_config(config: ml_collections.ConfigDict | None,
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a training run, or '
                             'a --config.')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  saved = json.loads(path.read_text())
+  for dotted, value in _ADDED_FIELDS.items():
+    *parents, name = dotted.split('.')
+    node = saved
+    for parent in parents:
+      node = node.setdefault(parent, {})
+    node.setdefault(name, value)
+  return ml_collections.ConfigDict(saved)
+
+
+# Config fields newer than some saved config.json files, with the values that reproduce what
+# those runs did (the defaults of configs/imagenet.py when the field came in).
+_ADDED_FIELDS = {
+    'parallelism': 'pmap',
+    'plateau_threshold_mode': 'abs',
+    'input_channels': 3,
+    'divide_by_255': False,
+    'model.conv1_padding': None,
+}
 
 
 def zeros_state(config: ml_collections.ConfigDict) -> train.TrainState:

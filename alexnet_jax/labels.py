@@ -43,6 +43,8 @@ def class_names(config: ml_collections.ConfigDict) -> list[str]:
     labels = data_sources.digits_source().class_names
   elif config.dataset == 'folder':
     labels = data_sources.folder_class_names(config.data_dir, config.train_split)
+  elif config.dataset == 'prepared':
+    labels = data_sources.get_source(config).class_names  # Reads metadata.json only.
   else:
     labels = data_sources.tfds_class_names(config.dataset, config.data_dir)
   config_checks.check_num_classes(config, len(labels))

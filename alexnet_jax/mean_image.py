@@ -2,8 +2,9 @@
 
 The paper subtracts "the mean activity over the training set from each pixel" of its 256x256
 images. This averages the canvases (central square resized to config.resize_size, decoded as
-for evaluation) over config.train_split and saves float32 [R, R, 3] on the 0-255 scale to a
-.npy, for config.mean_subtraction='pixel' with config.mean_image_path pointing at it:
+for evaluation) over config.train_split and saves float32 [R, R, C] (C = config.input_channels)
+on the 0-255 scale to a .npy, for config.mean_subtraction='pixel' with config.mean_image_path
+pointing at it:
 
   python -m alexnet_jax.mean_image --config=configs/imagenet.py --output=/data/mean_256.npy
 
@@ -23,7 +24,8 @@ from alexnet_jax import input_pipeline
 
 
 def compute_mean_image(config: ml_collections.ConfigDict, max_images: int = 0) -> np.ndarray:
-  """The mean canvas of config.train_split, float32 [R, R, 3] with R = config.resize_size.
+  """The mean canvas of config.train_split, float32 [R, R, C] with R = config.resize_size and
+  C = config.input_channels.
 
   Args:
     config: the run's config (data fields only).
@@ -34,9 +36,11 @@ def compute_mean_image(config: ml_collections.ConfigDict, max_images: int = 0) -
   config.eval_split = config.train_split
   config.image_size = config.resize_size  # The centre crop of the canvas is the canvas.
   config.mean_subtraction = 'none'
+  # On the 0-255 scale: preprocessing subtracts the mean before any division.
+  config.divide_by_std = config.divide_by_255 = False
   config.cache = False
   config.steps_per_eval = -(-max_images // config.eval_batch_size) if max_images else -1
-  total = np.zeros((config.resize_size, config.resize_size, 3), np.float64)
+  total = np.zeros((config.resize_size, config.resize_size, config.input_channels), np.float64)
   count = 0
   for batch in input_pipeline.create_eval_iterator(config, crops=1):
     total += batch['image'][batch['mask']].sum(axis=0, dtype=np.float64)

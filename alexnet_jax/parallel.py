@@ -1,12 +1,16 @@
-"""Everything device-parallel, in one place: pmap, batch sharding, replication, prefetch.
+"""Everything device-parallel, in one place: pmap, mesh, batch sharding, replication, prefetch.
 
-The training step is data-parallel over `jax.pmap`: every local device holds a replica of the
-train state and a slice of the global batch, and the gradients are averaged with `lax.pmean`
-over the axis `AXIS_NAME`. The model and the training loop only call the functions below, so a
-`jit` + `Mesh` implementation of this module could replace `pmap` without touching them.
+The training step is data-parallel: every device holds the train state and a slice of the
+global batch, and the gradients are averaged with `lax.pmean` over the axis `AXIS_NAME`. Two
+ways run it (`config.parallelism`, see `create`): `jax.pmap` (a replica per device, host
+batches reshaped to [devices, ...]) and `jax.jit` over a `Mesh` (global arrays with a
+`NamedSharding`, host batches joined by `jax.make_array_from_process_local_data`). The model,
+the steps and the loop see only a `DataParallel`, so they do not change with the choice.
 """
 
+import collections
 from collections.abc import Callable, Iterator, Sequence
+import itertools
 from typing import Any
 
 import flax.jax_utils
@@ -132,3 +136,115 @@ def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], size: int,
   if size <= 0:
     return sharded
   return flax.jax_utils.prefetch_to_device(sharded, size, devices)
+
+
+# ------------------------------------------------------------------- the two data-parallel ways
+PARALLELISMS = ('pmap', 'mesh')
+
+
+class DataParallel:
+  """How the train and eval steps meet the devices: `pmap`, or `jit` over a `Mesh`.
+
+  The steps are per-device functions (`train.train_step`, `train.eval_step`) whose
+  collectives name the axis `AXIS_NAME`, so both ways run them unchanged. What the loop holds
+  between steps ("on devices") is opaque to it: it only passes it back here.
+  """
+
+  def __init__(self, devices: Sequence[jax.Device]):
+    self.devices = list(devices)
+
+  def map(self, fn: Callable[..., Any], donate_state: bool = False) -> Callable[..., Any]:
+    """`fn(state, batch) -> out` over all processes' devices, batch split, state replicated."""
+    raise NotImplementedError
+
+  def put_state(self, tree: Any) -> Any:
+    """A host pytree (the same on every process) onto the devices, replicated."""
+    raise NotImplementedError
+
+  def get(self, tree: Any) -> Any:
+    """Host numpy copies of a replicated pytree on the devices (state, metrics)."""
+    raise NotImplementedError
+
+  def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
+    """This process's host batch [B / processes, ...] onto its devices, split over them."""
+    raise NotImplementedError
+
+  def prefetch(self, batches: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[Any]:
+    """`put_batch` of each batch, `size` of them in flight ahead of the step (0: none)."""
+    put = map(self.put_batch, batches)
+    if size <= 0:
+      return put
+    return _ahead(put, size)
+
+
+def _ahead(items: Iterator[Any], size: int) -> Iterator[Any]:
+  """Yields from `items`, keeping `size` more already started (device transfers are async)."""
+  queue = collections.deque(itertools.islice(items, size))
+  for item in items:
+    queue.append(item)
+    yield queue.popleft()
+  yield from queue
+
+
+class _Pmap(DataParallel):
+  """`jax.pmap`: the state carries a leading [devices] axis, one replica per device."""
+
+  def map(self, fn, donate_state=False):
+    return pmap(fn, self.devices, donate_state)
+
+  def put_state(self, tree):
+    return replicate(tree, self.devices)
+
+  def get(self, tree):
+    return unreplicate(tree)
+
+  def put_batch(self, batch):
+    return shard(batch, len(self.devices))
+
+  def prefetch(self, batches, size):
+    return prefetch_to_device(batches, size, self.devices)
+
+
+class _Mesh(DataParallel):
+  """`jax.jit` over a `Mesh` with one axis of all processes' devices: global arrays with a
+  `NamedSharding`, the state replicated and the batch split along the axis.
+
+  The step runs under `jax.shard_map` over that axis, so each device computes what it does
+  under pmap and the same collectives average the gradients.
+  """
+
+  def __init__(self, devices):
+    super().__init__(devices)
+    self.mesh = jax.sharding.Mesh(np.array(_all_processes(devices)), (AXIS_NAME,))
+    self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    self._split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(AXIS_NAME))
+
+  def map(self, fn, donate_state=False):
+    spec = jax.sharding.PartitionSpec
+    # Outputs are replicated by the step's own pmean/psum; check_vma cannot see that through
+    # the custom_vjp convolutions, so it is off.
+    mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(spec(), spec(AXIS_NAME)),
+                           out_specs=spec(), check_vma=False)
+    return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
+
+  def put_state(self, tree):
+    def put(leaf):
+      leaf = np.asarray(leaf)
+      return jax.make_array_from_callback(leaf.shape, self._replicated, lambda index: leaf[index])
+    return jax.tree.map(put, tree)
+
+  def get(self, tree):
+    # A copy (see `unreplicate`): the buffer is donated to the next step.
+    return jax.tree.map(lambda x: np.array(x.addressable_data(0)), tree)
+
+  def put_batch(self, batch):
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(self._split, x), batch)
+
+
+def create(parallelism: str, devices: Sequence[jax.Device]) -> DataParallel:
+  """The `DataParallel` that `config.parallelism` names, over `devices` of every process."""
+  kinds = {'pmap': _Pmap, 'mesh': _Mesh}
+  if parallelism not in kinds:
+    raise ValueError(f'config.parallelism={parallelism!r}; choose one of {PARALLELISMS}.')
+  return kinds[parallelism](devices)

@@ -7,9 +7,11 @@ square, the config's mean and scale); a folder stands for the images in it. The 
 the one the run saved in DIR unless --config names one.
 
 A file that cannot be read or decoded costs one error line and the other images are still
-classified; the exit status is then 1.
+classified; the exit status is then 1. --picture=PNG also draws each image above a bar chart of
+its top 5 (the paper's Figure 4, left).
 """
 
+import dataclasses
 import functools
 import os
 import pathlib
@@ -21,6 +23,7 @@ from typing import Any
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
 from absl import logging
 import jax
 import ml_collections
@@ -34,6 +37,7 @@ from alexnet_jax import data_sources
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import labels
+from alexnet_jax import plots
 from alexnet_jax import preprocessing
 from alexnet_jax import train
 
@@ -68,6 +72,11 @@ def load_image(path: pathlib.Path, options: preprocessing.Options) -> np.ndarray
     raise ValueError(re.sub(r'\{\{.*?\}\}|\[Op:.*', '', e.message).strip()) from e
 
 
+def display_options(options: preprocessing.Options) -> preprocessing.Options:
+  """`options` without the mean and the scale: `load_image` then gives 0-255 pixels to show."""
+  return dataclasses.replace(options, mean=None, std=None)
+
+
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
   """`labels.class_names`, or the label numbers where the dataset is not at hand."""
   try:
@@ -93,10 +102,15 @@ def _probabilities(apply_fn: Callable[..., jax.Array], params: Any,
 
 
 def classify(files: list[pathlib.Path], state: train.TrainState,
-             options: preprocessing.Options, names: list[str]) -> int:
-  """Prints each file's prediction, or logs why it has none; returns how many have none."""
+             options: preprocessing.Options, names: list[str],
+             picture: pathlib.Path | None = None) -> int:
+  """Prints each file's prediction, or logs why it has none; returns how many have none.
+
+  With `picture`, also draws the classified images with their top 5 there
+  (`plots.plot_predictions`).
+  """
   probabilities = jax.jit(functools.partial(_probabilities, state.apply_fn))
-  failed = 0
+  failed, shown = 0, []
   for path in files:
     try:
       image = load_image(path, options)
@@ -106,6 +120,12 @@ def classify(files: list[pathlib.Path], state: train.TrainState,
       continue
     probs = np.asarray(probabilities(state.params, image[None]))[0]
     print(format_prediction(path, probs, names), flush=True)
+    if picture:
+      shown.append((load_image(path, display_options(options)), path.name, probs))
+  if picture and shown:
+    images, titles, probs = zip(*shown)
+    plots.plot_predictions(images, titles, np.stack(probs), names, picture, TOP_K)
+    print(f'Wrote {picture}')
   return failed
 
 
@@ -123,10 +143,14 @@ def main(argv):
     files = image_files(argv[1:])
     if not files:
       raise ValueError(f'No images in {argv[1:]} ({", ".join(data_sources.IMAGE_EXTENSIONS)}).')
-  if classify(files, state, options, class_names(config)):
+  picture = flags.FLAGS.picture and pathlib.Path(flags.FLAGS.picture)
+  if classify(files, state, options, class_names(config), picture):
     raise SystemExit(1)
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: neighbours imports this module for its image loading and
+  # must not take this flag.
+  flags.DEFINE_string('picture', None, 'Also draw each image and its top 5 into this PNG.')
   jax.config.config_with_absl()
   app.run(main, flags_parser=cli.parse_flags)

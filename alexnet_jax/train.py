@@ -7,9 +7,9 @@
 TensorFlow (tf.data) is imported only when data is read, so the state and the steps also run
 where it is not installed (e.g. a GPU box for benchmarks).
 
-Both steps run on one device's slice of the batch inside `parallel.pmap`: gradients and
-metrics are averaged (or summed) over devices through `parallel`, which is the only place that
-knows how the devices are arranged.
+Both steps run on one device's slice of the batch under a `parallel.DataParallel` (pmap, or
+jit over a mesh): gradients and metrics are averaged (or summed) over devices through
+`parallel`, which is the only place that knows how the devices are arranged.
 """
 
 from collections.abc import Callable
@@ -111,7 +111,7 @@ def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
                label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on this device's slice of the global batch (run under `parallel.pmap`).
+  """One SGD step on this device's slice of the global batch (run by `DataParallel.map`).
 
   Args:
     state: this device's replica of the train state.
@@ -201,16 +201,16 @@ class Preempted(Exception):
 
 
 def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
-             config: ml_collections.ConfigDict, devices: list[jax.Device],
+             config: ml_collections.ConfigDict, data_parallel: parallel.DataParallel,
              crops: int | None = None,
              notice: preemption.Notice | None = None) -> dict[str, Any] | None:
   """One pass over the eval split; every example counted once, whatever the device count.
 
   Args:
-    p_eval_step: `eval_step` under `parallel.pmap`.
-    replicated_state: the state on `devices`.
+    p_eval_step: `eval_step` under `data_parallel.map`.
+    replicated_state: the state on the devices (`data_parallel.put_state`).
     config: the run's config.
-    devices: this process's devices.
+    data_parallel: how the devices run the step.
     crops: the crops asked for (see `input_pipeline.eval_crops`); None: config.eval_crops.
     notice: checked after every batch; when it says stop, the pass ends there.
   Returns:
@@ -227,12 +227,12 @@ def evaluate(p_eval_step: Callable[..., Any], replicated_state: TrainState,
   batches = input_pipeline.create_eval_iterator(
       config, crops=crops, process_index=jax.process_index(), process_count=jax.process_count())
   for batch in batches:
-    sums = p_eval_step(replicated_state, parallel.shard(batch, len(devices)))
+    sums = p_eval_step(replicated_state, data_parallel.put_batch(batch))
     totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
     if notice is not None and notice.reached():
       return None
   skipped = parallel.sum_over_processes(batches.num_skipped)
-  totals = None if totals is None else parallel.unreplicate(totals)
+  totals = None if totals is None else data_parallel.get(totals)
   count = 0.0 if totals is None else float(totals['count'])
   if not count:
     raise ValueError(f'No image of the {config.eval_split!r} split of {config.dataset!r} '
@@ -255,7 +255,8 @@ def _check_finite(metrics: list[dict[str, Any]], first_step: int, config: ml_col
   if bad.size and config.on_nonfinite == 'stop':
     raise NonFiniteError(
         f'Non-finite loss or gradients at step {first_step + int(bad[0])}; the update was not '
-        f'applied and training stopped. Last good checkpoint: step {last_checkpoint}. Lower '
+        f'applied and training stopped. Last good checkpoint: '
+        f'{"none yet" if last_checkpoint is None else f"step {last_checkpoint}"}. Lower '
         f'the learning rate, or set --config.on_nonfinite=skip to skip such steps.')
   if bad.size:
     logging.warning('Skipped %d non-finite steps (first: step %d).', bad.size,
@@ -272,7 +273,7 @@ class _Plan:
   """What a training run will do, fixed before it starts (see `_set_up`)."""
   config: ml_collections.ConfigDict
   workdir: epath.Path
-  devices: list[jax.Device]
+  data_parallel: parallel.DataParallel
   steps_per_epoch: int
   total_steps: int
   eval_every: int
@@ -321,7 +322,9 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
   logging.info('%s: %d train / %d eval examples, %d steps per epoch, %d steps in all, on %d '
                'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
                steps_per_epoch, total_steps, len(devices) * jax.process_count())
-  return _Plan(config=config, workdir=workdir, devices=devices, steps_per_epoch=steps_per_epoch,
+  return _Plan(config=config, workdir=workdir,
+               data_parallel=parallel.create(config.parallelism, devices),
+               steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
                eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)))
 
@@ -386,15 +389,16 @@ class _Loop:
     config = plan.config
     self.plan, self.manager, self.writer, self.meta = plan, manager, writer, meta
     self.start_step = int(state.step)
-    self.p_train_step = parallel.pmap(functools.partial(
+    self.par = plan.data_parallel
+    self.p_train_step = self.par.map(functools.partial(
         train_step, label_smoothing=config.label_smoothing,
         learning_rate_fn=optim.create_learning_rate_fn(config, plan.steps_per_epoch)),
-                                      plan.devices, donate_state=True)
-    self.p_eval_step = parallel.pmap(eval_step, plan.devices)
+                                     donate_state=True)
+    self.p_eval_step = self.par.map(eval_step)
     self.train_batches = input_pipeline.create_train_iterator(
         config, start_step=self.start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
-    self.replicated = parallel.replicate(state, plan.devices)
+    self.replicated = self.par.put_state(state)
     self.throughput = reporting.Throughput(self.start_step, plan.total_steps, config.batch_size)
     self.pending, self.pending_from = [], self.start_step
     self.summary, self.eval_metrics = {}, {}
@@ -406,8 +410,7 @@ class _Loop:
     plan, config = self.plan, self.plan.config
     if self.meta.pop('eval_pending', False) and not self._evaluate(self.start_step, notice):
       raise Preempted(self.start_step)  # Preempted again during the same evaluation.
-    batches = parallel.prefetch_to_device(self.train_batches, config.prefetch_to_device,
-                                          plan.devices)
+    batches = self.par.prefetch(self.train_batches, config.prefetch_to_device)
     for step in range(self.start_step + 1, plan.total_steps + 1):
       self.replicated, metrics = self.p_train_step(self.replicated, next(batches))
       self.pending.append(metrics)
@@ -431,7 +434,7 @@ class _Loop:
 
   def _log_train(self, step: int) -> None:
     """Checks and writes the train metrics of the steps since the last log."""
-    host = [parallel.unreplicate(m) for m in self.pending]
+    host = [self.par.get(m) for m in self.pending]
     self.meta['skipped_steps'] += _check_finite(host, self.pending_from + 1, self.plan.config,
                                                 self.manager.latest_step())
     self.summary = {k: float(np.mean([m[k] for m in host])) for k in ('loss', 'top1', 'top5')}
@@ -444,7 +447,7 @@ class _Loop:
     """Evaluates, runs the plateau rule, plots and saves; False if `notice` cut it short
     (then the state is saved to be evaluated on resume)."""
     config = self.plan.config
-    metrics = evaluate(self.p_eval_step, self.replicated, config, self.plan.devices,
+    metrics = evaluate(self.p_eval_step, self.replicated, config, self.par,
                        notice=notice)
     if metrics is None:
       logging.warning('Preempted during the evaluation of step %d: it runs again on resume.',
@@ -456,13 +459,12 @@ class _Loop:
     if metrics['top1'] > self.meta.get('best_eval_top1', -1.0):
       self.meta.update(best_eval_top1=metrics['top1'], best_eval_top5=metrics['top5'])
     plateau, dropped = optim.update_plateau(
-        parallel.unreplicate(self.replicated.plateau), metrics['top1'], config)
+        self.par.get(self.replicated.plateau), metrics['top1'], config)
     if dropped:
       logging.info('Validation top-1 stopped improving: learning rate x%g at step %d.',
                    config.plateau_factor, step)
       self.writer.write(step, 'lr_drop', {'scale': float(plateau.scale)})
-    self.replicated = self.replicated.replace(
-        plateau=parallel.replicate(plateau, self.plan.devices))
+    self.replicated = self.replicated.replace(plateau=self.par.put_state(plateau))
     if jax.process_index() == 0:
       plots.plot_learning_curves(reporting.read_history(self.plan.workdir),
                                  self.plan.workdir / 'curves.png', self.plan.steps_per_epoch)
@@ -471,7 +473,7 @@ class _Loop:
 
   def _save(self, eval_top1: float | None = None, eval_pending: bool = False) -> None:
     """Saves the state; `eval_pending`: its step's evaluation is still to run (on resume)."""
-    state = parallel.unreplicate(self.replicated)
+    state = self.par.get(self.replicated)
     if int(state.step) in self.manager.all_steps():
       # Saved before, when a preemption cut its evaluation short; now with the evaluation.
       self.manager.delete(int(state.step))
@@ -480,7 +482,7 @@ class _Loop:
 
   def finish(self, wall_time_s: float) -> tuple[TrainState, dict[str, Any]]:
     """The final state and metrics; writes final_metrics.json (process 0)."""
-    state = parallel.unreplicate(self.replicated)
+    state = self.par.get(self.replicated)
     run, meta, eval_metrics = self.plan, self.meta, self.eval_metrics
     final = {'step': int(state.step), 'epoch': int(state.step) / run.steps_per_epoch,
              'train_loss': self.summary.get('loss'), 'eval_loss': eval_metrics.get('loss'),

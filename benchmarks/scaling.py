@@ -1,6 +1,7 @@
 r"""Images/s of the JAX step against the number of devices and the batch size.
 
-Times `train.train_step` (or `eval_step`) under `parallel.pmap` on device-resident random data,
+Times `train.train_step` (or `eval_step`) under `parallel.pmap` (or, with --parallelism=mesh,
+`jit` over a `Mesh`) on device-resident random data,
 the step alone: no input pipeline. On CPU the devices are faked with
 --xla_force_host_platform_device_count (set below, before JAX starts), so they share the same
 cores: total images/s should stay flat as devices are added, and what it loses is the cost of
@@ -18,7 +19,8 @@ the slower of the two is the bottleneck, and on CPU the two share the same cores
     python benchmarks/scaling.py --devices=1,2 --batches=32,64 \
         --data_dir=../shared/data/imagenette2-224
 
-Takes train_step.py's --variant, --mode, --dtype, --rounds, --steps and --warmup.
+Takes train_step.py's --variant, --mode, --dtype, --parallelism (pmap or mesh), --rounds,
+--steps and --warmup.
 """
 
 from collections.abc import Callable
@@ -63,7 +65,8 @@ def median_rate(run: Callable[[int], None], batch_size: int) -> float:
 
 def measure(num_devices: int, batch_size: int) -> float:
   """Images/s of the step alone, on device-resident data."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
+  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+                                  FLAGS.parallelism)
   return median_rate(train_step.jax_runner(config, FLAGS.mode, train_step.make_batch(config),
                                            train_step.create_state(config, FLAGS.mode)),
                      batch_size)
@@ -71,7 +74,8 @@ def measure(num_devices: int, batch_size: int) -> float:
 
 def folder_config(num_devices: int, batch_size: int):
   """The benchmark's config reading the training split of the image folder --data_dir."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices)
+  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+                                  FLAGS.parallelism)
   config.dataset, config.data_dir, config.train_split = 'folder', _DATA_DIR.value, 'train'
   config.eval_split = 'train'  # Nothing is evaluated; the folder needs no other split.
   config.num_classes = len(data_sources.folder_class_names(_DATA_DIR.value, 'train'))
@@ -91,11 +95,11 @@ def measure_pipeline(batch_size: int) -> float:
 def measure_fed(num_devices: int, batch_size: int) -> float:
   """Images/s of the train step fed by the pipeline, as the training loop feeds it."""
   config = folder_config(num_devices, batch_size)
-  devices = parallel.select_devices(num_devices)
-  step = train_step.jax_step(config, 'train', devices)
-  batches = parallel.prefetch_to_device(input_pipeline.create_train_iterator(config),
-                                        config.prefetch_to_device, devices)
-  replicated = [parallel.replicate(train_step.create_state(config, 'train'), devices)]
+  data_parallel = parallel.create(config.parallelism, parallel.select_devices(num_devices))
+  step = train_step.jax_step(config, 'train', data_parallel)
+  batches = data_parallel.prefetch(input_pipeline.create_train_iterator(config),
+                                   config.prefetch_to_device)
+  replicated = [data_parallel.put_state(train_step.create_state(config, 'train'))]
 
   def run(n: int) -> None:
     for _ in range(n):
@@ -125,7 +129,8 @@ def main(argv: list[str]) -> None:
     raise ValueError(f'--devices asks for {max(devices)} devices but this host has {available} '
                      f'({jax.default_backend()}); on CPU set XLA_FLAGS='
                      f'--xla_force_host_platform_device_count=N before running.')
-  print(f'{FLAGS.variant} {FLAGS.mode}, {FLAGS.dtype}, {train_step.machine()}, '
+  print(f'{FLAGS.variant} {FLAGS.mode}, {FLAGS.dtype}, {FLAGS.parallelism}, '
+        f'{train_step.machine()}, '
         f'{train_step.versions()}, {time.strftime("%Y-%m-%d %H:%M")}, 1-min load '
         f'{os.getloadavg()[0]:.1f}; {FLAGS.rounds} rounds x {FLAGS.steps} steps')
   with_data = _DATA_DIR.value is not None

@@ -70,6 +70,8 @@ _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per framework first (
 _NUM_DEVICES = flags.DEFINE_integer(
     'num_devices', 1, 'JAX devices to pmap over. PyTorch runs on one device, so > 1 needs '
     '--frameworks=jax (benchmarks/scaling.py compares device counts).')
+_PARALLELISM = flags.DEFINE_enum('parallelism', 'pmap', parallel.PARALLELISMS,
+                                 "The JAX step's config.parallelism: pmap or jit over a mesh.")
 _FRAMEWORKS = flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which of jax, torch to run.')
 _MEMORY = flags.DEFINE_bool('memory', True,
                             'Measure peak memory, one subprocess per framework.')
@@ -87,9 +89,11 @@ _MEMORY_PROBE = flags.DEFINE_enum('memory_probe', None, FRAMEWORKS,
                                   'Internal: run one framework alone and print its peak memory.')
 
 
-def make_config(variant: str, batch: int, dtype: str, num_devices: int):
+def make_config(variant: str, batch: int, dtype: str, num_devices: int,
+                parallelism: str = 'pmap'):
   """configs/imagenet.py with the benchmark's overrides (torch.optim.SGD semantics)."""
   config = imagenet.get_config()
+  config.parallelism = parallelism
   config.model.variant = variant
   config.model.dtype = dtype
   config.batch_size = config.eval_batch_size = batch
@@ -120,28 +124,28 @@ def create_state(config, mode: str):
   return state.replace(opt_state=None) if mode == 'eval' else state
 
 
-def jax_step(config, mode: str, devices):
-  """The loop's pmapped `train.train_step` (state donated) or `train.eval_step`.
+def jax_step(config, mode: str, data_parallel: parallel.DataParallel):
+  """The loop's mapped `train.train_step` (state donated) or `train.eval_step`.
 
   Returns:
     step(replicated_state, device_batch): (state, metrics) in train mode, metrics in eval.
   """
-  parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
+  parallel.per_device_batch_size(config.batch_size, len(data_parallel.devices), 'batch_size')
   if mode == 'eval':
-    return parallel.pmap(train.eval_step, devices)
-  return parallel.pmap(functools.partial(
+    return data_parallel.map(train.eval_step)
+  return data_parallel.map(functools.partial(
       train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1)),
-      devices, donate_state=True)
+                           donate_state=True)
 
 
 def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
   """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
-  devices = parallel.select_devices(config.num_devices)
-  step = jax_step(config, mode, devices)
+  data_parallel = parallel.create(config.parallelism,
+                                  parallel.select_devices(config.num_devices))
+  step = jax_step(config, mode, data_parallel)
   keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'label')
-  device_batch = next(parallel.prefetch_to_device(iter([{k: batch[k] for k in keys}]), 1,
-                                                  devices))
-  replicated = [parallel.replicate(state, devices)]
+  device_batch = jax.block_until_ready(data_parallel.put_batch({k: batch[k] for k in keys}))
+  replicated = [data_parallel.put_state(state)]
 
   def run(n: int) -> None:
     for _ in range(n):
@@ -337,7 +341,8 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   check_flags()
-  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value)
+  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
+                       _PARALLELISM.value)
   batch = make_batch(config)
   device = torch_device() if 'torch' in _FRAMEWORKS.value else 'cpu'
   if 'torch' in _FRAMEWORKS.value:

@@ -122,6 +122,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3  # Plus the best by val top-1.
   config.seed = 0
   config.num_devices = 0  # 0: all local devices; N: the first N (e.g. to compare counts).
+  # 'pmap' (jax.pmap, what Flax's ImageNet example uses) or 'mesh' (jax.jit over a Mesh of
+  # all devices, global arrays with a NamedSharding, as big_vision does); the same training.
+  config.parallelism = 'pmap'
+
   config.on_nonfinite = 'stop'  # 'stop' the run, or 'skip' the step and count it.
   config.allow_config_change = False  # Resume a workdir written with another config.
   # Weights a fresh run starts from (the workdir's own checkpoints win on a rerun): an .npz of

@@ -61,3 +61,43 @@ def folder_with_bad_files(tmp_path_factory, imagenet_samples_dir, imagenette_dir
     (root / split / classes[0] / 'truncated.JPEG').write_bytes(photo[:len(photo) // 2])
     (root / split / classes[1] / 'not_an_image.JPEG').write_text('hello')
   return root
+
+
+@pytest.fixture(scope='session')
+def tiny_imagenette(tmp_path_factory, imagenette_dir):
+  """Imagenette's 10 classes, 4 train and 2 val photos each (the first in sorted order,
+  symlinked): 40 train and 20 val examples."""
+  root = tmp_path_factory.mktemp('tiny_imagenette')
+  for split, count in (('train', 4), ('val', 2)):
+    for class_dir in sorted((imagenette_dir / split).iterdir()):
+      (root / split / class_dir.name).mkdir(parents=True)
+      for path in sorted(class_dir.iterdir())[:count]:
+        (root / split / class_dir.name / path.name).symlink_to(path)
+  return root
+
+
+@pytest.fixture(scope='session')
+def tiny_runs(tmp_path_factory, tiny_imagenette):
+  """Two trained workdirs {'a': path, 'b': path} of the paper AlexNet at 63 px (its smallest
+  input) on `tiny_imagenette`: two models one SGD step apart.
+
+  'a' is trained here, in this process, for 2 steps of batch 20 (one epoch), checkpointed
+  after each and evaluated at the end (eval batch 16: the second of its two batches padded).
+  'b' is a copy of 'a' without its last checkpoint, so its model is a's after step 1: a second
+  trained model without a second compilation of the train step.
+  """
+  import shutil  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from configs import imagenette  # pylint: disable=g-import-not-at-top
+  config = imagenette.get_config()
+  config.data_dir = str(tiny_imagenette)
+  config.image_size, config.resize_size = 63, 66
+  config.batch_size, config.eval_batch_size = 20, 16
+  config.num_train_steps, config.warmup_epochs = 2, 0.0
+  config.log_every_steps = config.checkpoint_every_steps = 1
+  config.eval_every_epochs = 100.0  # Only at the end.
+  runs = tmp_path_factory.mktemp('tiny_runs')
+  train.train_and_evaluate(config, runs / 'a')
+  shutil.copytree(runs / 'a', runs / 'b')
+  shutil.rmtree(runs / 'b' / 'checkpoints' / '2')
+  return {'a': runs / 'a', 'b': runs / 'b'}

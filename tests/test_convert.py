@@ -52,7 +52,7 @@ def test_torch_reference_has_torchvision_names_and_shapes(state_dicts):
   assert state_dicts['paper']['features.4.weight'].shape == (256, 48, 5, 5)  # 2 groups.
 
 
-@pytest.mark.parametrize('variant', models.VARIANTS)
+@pytest.mark.parametrize('variant', torch_reference.VARIANTS)  # d2l: tests/test_d2l.py.
 def test_round_trips_are_exact(variant, state_dicts):
   state_dict = state_dicts[variant]
   params = convert.torch_state_dict_to_flax(state_dict, variant, image_size(variant))

@@ -212,3 +212,17 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes_bit_exac
   assert codes == [0, 0], logs_text
   assert f'Resuming from the checkpoint at step {step}.' in logs_text
   assert_bit_equal(final_params(workdirs[0]), final_params(two_processes[0]))
+
+
+def test_two_processes_under_mesh_train_as_under_pmap(tmp_path, env, two_processes):
+  """jit over a Mesh of both processes' devices, each feeding its half of the global batch
+  through make_array_from_process_local_data: pmap's parameters, bit for bit."""
+  workdirs = process_workdirs(tmp_path)
+  codes, logs = run_processes(list(workdirs), *FLAGS, f'--config.num_train_steps={STEPS}',
+                              '--config.parallelism=mesh', env=with_devices(env, 1))
+  assert codes == [0, 0], logs
+  # The plateau state differs by design: this run evaluated at its last step, STEPS.
+  def trained(params):
+    return {k: v for k, v in params.items() if not k.startswith('/plateau/')}
+  assert_bit_equal(trained(final_params(workdirs[0])),
+                   trained(final_params(two_processes[0], step=STEPS)))

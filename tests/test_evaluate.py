@@ -141,3 +141,19 @@ def test_damaged_weights_file_is_a_clear_error(trained, tmp_path):
   with pytest.raises(ValueError, match=r"Cannot use init_from='.*broken.npz': "):
     inference.load_state(inference.load_config(None, trained), trained,
                          init_from=tmp_path / 'broken.npz')
+
+
+def test_config_saved_before_newer_fields_still_loads_and_validates(tmp_path):
+  """A config.json written before parallelism, plateau_threshold_mode, input_channels,
+  divide_by_255 and model.conv1_padding existed gets their old behaviour."""
+  from alexnet_jax import config_checks  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  saved = json.loads(default.get_config().to_json_best_effort())
+  for name in ('parallelism', 'plateau_threshold_mode', 'input_channels', 'divide_by_255'):
+    del saved[name]
+  del saved['model']['conv1_padding']
+  (tmp_path / 'config.json').write_text(json.dumps(saved))
+  config = inference.load_config(None, tmp_path)
+  config_checks.validate(config)
+  assert (config.parallelism, config.plateau_threshold_mode, config.input_channels,
+          config.divide_by_255, config.model.conv1_padding) == ('pmap', 'abs', 3, False, None)

@@ -6,6 +6,7 @@ of every test here; its runs share a JAX compilation cache as in test_main.py.
 
 import json
 import logging
+import re
 import subprocess
 import sys
 
@@ -52,7 +53,8 @@ def runs(tmp_path_factory, env, imagenet_npz):
   workdir = tmp_path_factory.mktemp('finetuned')
   logs = []
   for steps in (2, 3):
-    result = run_main(workdir, f'--config.num_train_steps={steps}',
+    # A constant schedule: under cosine the horizon (num_train_steps) may not change.
+    result = run_main(workdir, f'--config.num_train_steps={steps}', '--config.lr_schedule=constant',
                       f'--config.init_from={imagenet_npz}', env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     logs.append(result.stderr)
@@ -160,10 +162,14 @@ def test_plots_command_draws_curves_and_filters(runs):
   result = subprocess.run([sys.executable, '-m', 'alexnet_jax.plots', f'--workdir={workdir}'],
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
+  # The paper variant's two groups of conv1 kernels (conv2's halves), each with its number.
+  assert re.search(r'^  kernels 0-47 \(group 1 of 2\): mean colour share 0\.\d{4}\n'
+                   r'  kernels 48-95 \(group 2 of 2\): mean colour share 0\.\d{4}$',
+                   result.stdout, flags=re.M), result.stdout
   # (width, height). curves: 12 x 4.5 inches at 100 dpi. filters: conv1's 96 11x11 kernels in
-  # 8 rows of 12, 1 px apart and around, each pixel drawn 4x4: (12 * 12 + 1) * 4 wide and
-  # (8 * 12 + 1) * 4 high.
-  for name, size in (('curves.png', (1200, 450)), ('filters.png', (580, 388))):
+  # 2 groups of 4 rows of 12, 1 px apart and around, each pixel drawn 4x4, each group under a
+  # caption of 18 px: (12 * 12 + 1) * 4 wide and 2 * ((4 * 12 + 1) * 4 + 18) high.
+  for name, size in (('curves.png', (1200, 450)), ('filters.png', (580, 428))):
     with Image.open(workdir / name) as image:
       assert image.size == size, name
       assert np.asarray(image.convert('L')).std() > 10, f'{name} is blank'

@@ -98,6 +98,13 @@ def test_second_run_resumes_at_saved_step(tmp_path, env):
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 4' in second.stderr
   assert '[8] train' in second.stderr and '[4] train' not in second.stderr
+  # A third run changes the weight decay: the resumed optimizer state takes the new value
+  # (it kept the checkpoint's 5e-4 before).
+  third = run_main(tmp_path, '--config.num_train_steps=10', '--config.lr_schedule=constant',
+                   '--config.weight_decay=0.01', '--config.allow_config_change=True', env=env)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert 'Resumed with weight_decay=0.01 from the config (the checkpoint had 0.0005)' in third.stderr
+  assert final_params(tmp_path)['/opt_state/hyperparams/weight_decay'] == np.float32(0.01)
 
 
 def _start(workdir, env, *flags):
@@ -233,3 +240,42 @@ def test_sigterm_during_a_long_evaluation_saves_and_the_rerun_evaluates_it(
   assert final['step'] == 12 and final['eval_top1'] is not None
   assert '[12] eval' in rerun.stderr
   assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
+
+
+def _cut_to(source, workdir, step: int) -> None:
+  """`workdir`: a copy of the run in `source` as it was at checkpoint `step`."""
+  shutil.copytree(source, workdir)
+  (workdir / 'final_metrics.json').unlink()
+  for path in (workdir / 'checkpoints').iterdir():
+    if path.name.isdigit() and int(path.name) > step:
+      shutil.rmtree(path)
+
+
+def test_mesh_trains_as_pmap_and_checkpoints_resume_across_the_two(tmp_path, env,
+                                                                    uninterrupted):
+  """jit over a Mesh, 12 steps with dropout: bit-identical to pmap's run. Its checkpoint of
+  step 8 resumes under pmap, and pmap's of step 4 under mesh, both ending bit-identical."""
+  mesh = tmp_path / 'mesh'
+  result = run_main(mesh, '--config.num_train_steps=12', '--config.parallelism=mesh', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert_bit_equal(final_params(mesh), final_params(uninterrupted))
+  for source, step, parallelism in ((mesh, 8, 'pmap'), (uninterrupted, 4, 'mesh')):
+    workdir = tmp_path / f'{parallelism}_from_{step}'
+    _cut_to(source, workdir, step)
+    result = run_main(workdir, '--config.num_train_steps=12',
+                      f'--config.parallelism={parallelism}', env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f'Resuming from the checkpoint at step {step}.' in result.stderr
+    assert_bit_equal(final_params(workdir), final_params(uninterrupted))
+
+
+def test_an_error_mid_run_awaits_the_pending_save_and_is_one_line(tmp_path, env):
+  """A learning rate of 1e8 overflows at step 3, found at the log of step 4, while the save
+  of step 2 may still be writing: one line, no traceback, and checkpoint 2 complete."""
+  result = run_main(tmp_path, '--config.num_train_steps=8', '--config.learning_rate=1e8',
+                    '--config.checkpoint_every_steps=2', env=env)
+  assert result.returncode == 1
+  assert 'Non-finite loss or gradients at step 3' in result.stderr, result.stderr[-3000:]
+  assert 'Last good checkpoint: step 2' in result.stderr
+  assert 'Traceback' not in result.stderr and 'Event loop is closed' not in result.stderr
+  assert int(final_params(tmp_path, step=2)['/step']) == 2

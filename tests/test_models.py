@@ -62,15 +62,17 @@ def test_parameter_count_matches_the_paper_and_torchvision(variant, expected):
 
 
 @pytest.mark.parametrize('variant', models.VARIANTS)
-@pytest.mark.parametrize('size', [224, 227, 63, (63, 100), 256])
-def test_layer_table_agrees_with_the_module(variant, size):
+@pytest.mark.parametrize('size', [224, 227, 67, (67, 100), 256])
+@pytest.mark.parametrize('conv1_padding, channels', [(None, 3), (0, 3), (3, 1)])
+def test_layer_table_agrees_with_the_module(variant, size, conv1_padding, channels):
   height, width = (size, size) if isinstance(size, int) else size
-  model = models.AlexNet(num_classes=10, variant=variant)
+  model = models.AlexNet(num_classes=10, variant=variant, conv1_padding=conv1_padding,
+                         input_channels=channels)
   logits, variables = jax.eval_shape(
       functools.partial(model.init_with_output, train=False, capture_intermediates=True),
-      jax.random.key(0), jax.ShapeDtypeStruct((2, height, width, 3), jnp.float32))
+      jax.random.key(0), jax.ShapeDtypeStruct((2, height, width, channels), jnp.float32))
   assert logits.shape == (2, 10) and logits.dtype == jnp.float32
-  table = models.layer_table(variant, size, num_classes=10)
+  table = models.layer_table(variant, size, 10, conv1_padding, channels)
   assert sum(row.params for row in table) == count(variables['params'])
   outputs = {name: out['__call__'][0].shape[1:]
              for name, out in variables['intermediates'].items() if name in LAYERS}
@@ -78,7 +80,8 @@ def test_layer_table_agrees_with_the_module(variant, size):
 
 
 @pytest.mark.parametrize('variant, first_dropout_width', [('paper', 4096),
-                                                          ('torchvision', 9216)])
+                                                          ('torchvision', 9216),
+                                                          ('d2l', 4096)])
 def test_dropout_sits_after_fc6_and_fc7_in_the_paper_before_them_in_torchvision(
     variant, first_dropout_width):
   variables = abstract_init(models.AlexNet(variant=variant), 224, capture_intermediates=True)
@@ -87,12 +90,15 @@ def test_dropout_sits_after_fc6_and_fc7_in_the_paper_before_them_in_torchvision(
   assert dropouts == {'Dropout_0': (1, first_dropout_width), 'Dropout_1': (1, 4096)}
 
 
-def test_fc6_sees_6x6x256_at_224_and_227_in_both_variants():
-  for variant in models.VARIANTS:
+def test_fc6_sees_6x6x256_at_224_and_227_in_paper_and_torchvision():
+  for variant in ('paper', 'torchvision'):
     assert models.feature_shape(variant, 224) == (6, 6, 256)
     assert models.feature_shape(variant, 227) == (6, 6, 256)  # Caffe's crop, see models.py.
+    assert models.feature_shape(variant, 227, conv1_padding=0) == (6, 6, 256)  # Caffe's conv1.
   assert models.feature_shape('paper', 256) == (7, 7, 256)
   assert models.feature_shape('torchvision', 256) == (6, 6, 256)
+  # d2l pads conv1 by 1: (224 + 2 - 11) // 4 + 1 = 54, then pools to 26, 12 and 5.
+  assert models.feature_shape('d2l', 224) == (5, 5, 256)
 
 
 @pytest.mark.parametrize('variant, filters, expected_total', [('paper', 96, 724e6),
@@ -115,7 +121,7 @@ def test_summary_lists_every_layer_and_the_totals():
   assert total == ['total', '60,965,224', '724,406,816']
 
 
-@pytest.mark.parametrize('variant', models.VARIANTS)
+@pytest.mark.parametrize('variant', torch_reference.VARIANTS)
 def test_minimum_input_size(variant):
   assert models.min_input_size(variant) == 63
   model = models.AlexNet(variant=variant)
@@ -132,10 +138,16 @@ def test_minimum_input_size(variant):
 
 
 def test_bad_arguments_raise_value_errors():
-  with pytest.raises(ValueError, match=r"variant 'alexnet'.*\('paper', 'torchvision'\)"):
+  with pytest.raises(ValueError,
+                     match=r"variant 'alexnet'.*\('paper', 'torchvision', 'd2l'\)"):
     models.AlexNet(variant='alexnet')
-  with pytest.raises(ValueError, match=r"init_scheme 'xavier'.*\('paper', 'caffe', 'he'\)"):
-    models.AlexNet(init_scheme='xavier')
+  with pytest.raises(ValueError,
+                     match=r"init_scheme 'glorot'.*\('paper', 'caffe', 'he', 'xavier'\)"):
+    models.AlexNet(init_scheme='glorot')
+  with pytest.raises(ValueError, match='conv1_padding must be None or a non-negative int'):
+    models.AlexNet(conv1_padding=-1)
+  with pytest.raises(ValueError, match='input_channels must be a positive int'):
+    models.AlexNet(input_channels=0)
   with pytest.raises(ValueError, match='dropout_rate'):
     models.AlexNet(dropout_rate=1.0)
   with pytest.raises(ValueError, match=r'NHWC.*\(224, 224, 3\)'):
@@ -152,6 +164,20 @@ def test_initializers(scheme):
   params = jax.tree.map(np.asarray, params)
   for layer in LAYERS:
     kernel, bias = params[layer]['kernel'], params[layer]['bias']
+    if scheme == 'xavier':
+      # torch's xavier_uniform_ (d2l): U(+-sqrt(6 / (fan_in + fan_out))), variance
+      # 2 / (fan_in + fan_out), with a conv's fans counting its window (fan_in its group's
+      # share); biases keep torch's default U(+-1 / sqrt(fan_in)).
+      receptive = np.prod(kernel.shape[:-2])
+      fan_in, fan_out = receptive * kernel.shape[-2], receptive * kernel.shape[-1]
+      assert kernel.std() == pytest.approx(np.sqrt(2 / (fan_in + fan_out)), rel=0.03), layer
+      # Bounds in float32, as the draws are.
+      assert np.abs(kernel).max() <= np.float32(np.sqrt(6 / (fan_in + fan_out))), layer
+      assert np.abs(bias).max() <= np.float32(1 / np.sqrt(fan_in)), layer
+      assert np.abs(bias).max() > 0.8 / np.sqrt(fan_in), layer
+      if bias.size >= 1000:
+        assert bias.std() == pytest.approx(1 / np.sqrt(3 * fan_in), rel=0.05), layer
+      continue
     if scheme == 'he':
       # Kaiming normal over the inputs one filter sees (a group's share in grouped layers).
       std = 0.01 if layer == 'fc8' else np.sqrt(2.0 / np.prod(kernel.shape[:-1]))
@@ -209,7 +235,7 @@ def test_adaptive_avg_pool_matches_torch(in_size):
   np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 1).numpy(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize('variant', models.VARIANTS)
+@pytest.mark.parametrize('variant', torch_reference.VARIANTS)  # d2l: tests/test_d2l.py.
 def test_forward_matches_torch_on_a_real_photo(variant, goldfish_224):
   torch.manual_seed(0)
   torch_model = torch_reference.TorchAlexNet(variant).eval()

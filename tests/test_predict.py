@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from alexnet_jax import checkpointing
@@ -47,7 +48,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   checkpointing.save(manager, state, {'config': checkpointing.config_to_dict(config)})
   checkpointing.wait(manager)
   manager.close()
-  config_checks.check_workdir(config, workdir)
+  config_checks.write_config(config, workdir)
   return workdir
 
 
@@ -59,17 +60,24 @@ def test_prints_top5_names_of_real_photos_and_survives_a_broken_file(
   for photo in photos[:3]:
     (folder / photo.name).symlink_to(photo)
   (folder / 'broken.jpg').write_bytes(os.urandom(3000))
+  picture = tmp_path / 'predictions.png'
   result = subprocess.run(
       [sys.executable, '-m', 'alexnet_jax.predict', f'--workdir={workdir}', str(folder),
-       str(photos[3])], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
-      check=False)
+       str(photos[3]), f'--picture={picture}'], cwd=REPO, env=env, capture_output=True,
+      text=True, timeout=600, check=False)
   assert result.returncode == 1, result.stderr[-3000:]
   errors = [line for line in result.stderr.splitlines() if line.startswith('E')]
   assert len(errors) == 1, result.stderr[-3000:]
   assert 'broken.jpg: cannot classify: Unknown image file format' in errors[0]
   assert 'Traceback' not in result.stderr
   names = labels.class_names(_small_imagenette())
-  blocks = re.split(r'^(?=\S)', result.stdout, flags=re.M)[1:]
+  assert result.stdout.endswith(f'Wrote {picture}\n')
+  with Image.open(picture) as image:
+    # The 4 classified photos in a row of cells 240 x 320 pixels (the broken file has none).
+    assert image.size == (4 * 240, 320)
+    assert np.asarray(image.convert('L')).std() > 10
+  blocks = re.split(r'^(?=\S)', result.stdout.removesuffix(f'Wrote {picture}\n'),
+                    flags=re.M)[1:]
   assert [block.splitlines()[0] for block in blocks] == (
       [str(folder / photo.name) for photo in photos[:3]] + [str(photos[3])])
   for block in blocks:

@@ -2,6 +2,9 @@
 manual download made of real photos, and the missing-download errors say what to do."""
 
 import importlib.resources
+import os
+import pathlib
+import subprocess
 import sys
 import tarfile
 
@@ -11,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline
 from configs import imagenet
+from test_distributed import free_port, with_devices
 
 WNIDS = ('n01443537', 'n01534433', 'n01558993')  # goldfish, junco, robin.
 NUM_VAL = 4
@@ -113,3 +117,37 @@ def test_unprepared_dataset_without_internet(tmp_path, monkeypatch):
   config.dataset = 'no_such_dataset'
   with pytest.raises(ValueError, match="neither 'folder', 'digits', 'fake' nor"):
     input_pipeline.get_dataset_info(config)
+
+
+_PREPARE_SCRIPT = """
+import sys
+sys.path.insert(0, {repo!r})
+from absl import logging
+import jax
+logging.set_verbosity(logging.INFO)
+jax.distributed.initialize('127.0.0.1:{port}', num_processes=2, process_id={index})
+from alexnet_jax import data_sources
+builder = data_sources.tfds_builder('imagenet2012', {data_dir!r}, {manual_dir!r})
+print('PREPARED', builder.is_prepared(), builder.info.splits['train'].num_examples)
+"""
+
+
+def test_two_processes_prepare_once_on_process_0(tmp_path, imagenet_samples_dir):
+  """Process 0 alone runs download_and_prepare; process 1 waits for it, then reads it."""
+  _tiny_imagenet_manual_dir(tmp_path / 'manual', imagenet_samples_dir)
+  repo, port = str(pathlib.Path(__file__).resolve().parents[1]), free_port()
+  env = with_devices(dict(os.environ), 1)
+  processes = [subprocess.Popen(
+      [sys.executable, '-c', _PREPARE_SCRIPT.format(
+          repo=repo, port=port, index=index, data_dir=str(tmp_path / 'tfds'),
+          manual_dir=str(tmp_path / 'manual'))],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in (0, 1)]
+  try:
+    logs = [p.communicate(timeout=300)[0] for p in processes]
+  finally:
+    for process in processes:
+      process.kill()
+  assert [p.returncode for p in processes] == [0, 0], [log[-2000:] for log in logs]
+  assert all('PREPARED True 6' in log for log in logs), [log[-2000:] for log in logs]
+  assert 'Preparing TFDS imagenet2012' in logs[0]
+  assert 'Preparing TFDS imagenet2012' not in logs[1]

@@ -1,0 +1,136 @@
+"""fc7 features and nearest training images (the paper's section 6.1, Figure 4 right).
+
+The features are checked against the model's own logits (fc8 of them must give them), the
+search against numpy's brute force, and `python -m alexnet_jax.neighbours` on conftest's tiny
+trained model: a training photo asked as a query finds itself first.
+"""
+
+import json
+import re
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+
+from alexnet_jax import features
+from alexnet_jax import inference
+from alexnet_jax import input_pipeline
+from alexnet_jax import parallel
+from started import Started
+from test_main import env  # pylint: disable=unused-import
+
+K = 3
+
+
+@pytest.fixture(scope='module')
+def query_photo(tiny_imagenette):
+  """A training photo (the second of the third class), named as a user would."""
+  return sorted((tiny_imagenette / 'train').glob('*/*'))[2 * 4 + 1]
+
+
+@pytest.fixture(scope='module')
+def out(tmp_path_factory):
+  return tmp_path_factory.mktemp('neighbours')
+
+
+@pytest.fixture(scope='module')
+def commands(tiny_runs, query_photo, out, env):
+  """neighbours on model a: the photo and two val examples as queries; an index the val split
+  lacks. Started together (see `Started`), each drawing into OUT/<name>.png."""
+  flags = {'queries': [f'--k={K}', '--eval_index=0,13', str(query_photo)],
+           'bad_index': ['--eval_index=20']}
+  return Started({name: ('alexnet_jax.neighbours', [f"--workdir={tiny_runs['a']}",
+                                                    f'--out={out / name}.png', *more])
+                  for name, more in flags.items()}, env)
+
+
+@pytest.fixture(scope='module')
+def model(tiny_runs):
+  config = inference.load_config(None, tiny_runs['a'])
+  return config, inference.load_state(config, tiny_runs['a'])
+
+
+@pytest.mark.usefixtures('commands')  # Started first: they run while this test does.
+def test_features_are_what_fc8_reads_and_are_stored_once(model, tmp_path):
+  config, state = model
+  bank = features.split_features(config, state, tmp_path, 'train', 'step2')
+  assert bank.features.shape == (40, 4096) and bank.features.dtype == np.float32
+  np.testing.assert_array_equal(bank.positions, np.arange(40))
+  # The same images through the model's ordinary forward pass.
+  train_config = config.copy_and_resolve_references()
+  train_config.eval_split = 'train'
+  batches = list(input_pipeline.create_eval_iterator(train_config, crops=1))
+  images = np.concatenate([b['image'][b['mask']] for b in batches])
+  np.testing.assert_array_equal(bank.labels, np.concatenate([b['label'][b['mask']]
+                                                             for b in batches]))
+  logits = np.asarray(jax.jit(lambda x: state.apply_fn({'params': state.params}, x,
+                                                       train=False))(images))
+  fc8 = state.params['fc8']
+  assert (bank.features >= 0).all() and (bank.features > 0).mean() > 0.05
+  np.testing.assert_allclose(bank.features @ np.asarray(fc8['kernel']) + np.asarray(fc8['bias']),
+                             logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
+  directory = tmp_path / 'features' / 'fc7_train_step2'
+  written = (directory / 'features.npy').stat().st_mtime_ns
+  stored = features.split_features(config, state, tmp_path, 'train', 'step2')
+  assert (directory / 'features.npy').stat().st_mtime_ns == written  # Read, not recomputed.
+  for a, b in zip(bank, stored):
+    np.testing.assert_array_equal(a, b)
+  about = json.loads((directory / 'about.json').read_text())
+  assert about['split'] == 'train' and about['config']['image_size'] == 63
+  assert not directory.with_name('fc7_train_step2.partial').exists()
+
+
+def test_search_agrees_with_numpy_brute_force(monkeypatch):
+  rng = np.random.default_rng(0)
+  bank = rng.normal(size=(53, 16)).astype(np.float32)
+  bank[40] = bank[7]  # A tie: equal distances come in index order.
+  queries = np.concatenate([bank[[7, 30]], rng.normal(size=(3, 16)).astype(np.float32)])
+  # Bank batches of 12 rows over 4 devices: 5 batches, the last padded.
+  monkeypatch.setattr(features, '_SEARCH_ROWS', 12)
+  distances, rows = features.nearest(bank, queries, 5, parallel.select_devices())
+  brute = np.linalg.norm(bank[None].astype(np.float64) - queries[:, None], axis=-1)
+  expected = np.argsort(brute, axis=-1, kind='stable')[:, :5]
+  np.testing.assert_array_equal(rows, expected)
+  np.testing.assert_allclose(distances, np.take_along_axis(brute, expected, axis=1),
+                             rtol=1e-4, atol=1e-3)
+  assert list(rows[0, :2]) == [7, 40] and list(rows[1, :1]) == [30]
+
+
+def test_k_larger_than_the_bank_is_an_error():
+  with pytest.raises(ValueError, match='k=4 neighbours asked of a bank of 3 rows'):
+    features.nearest(np.zeros((3, 2), np.float32), np.zeros((1, 2), np.float32), 4,
+                     parallel.select_devices())
+
+
+def test_a_training_photo_finds_itself_first(commands, query_photo, tiny_runs, out):
+  status, stdout, stderr = commands['queries']
+  assert status == 0, stderr[-3000:]
+  blocks = re.split(r'^(?=\S)', stdout, flags=re.M)
+  assert blocks[1].startswith(f'The {K} nearest of 40 train images by fc7 distance (3 queries')
+  photo, val0, val13 = blocks[2:5]
+  assert photo.splitlines()[0] == str(query_photo)
+  assert val0.startswith('val #0 (n01440764 tench, ')
+  assert val13.startswith('val #13 (n03417042 garbage truck, ')
+  rows = [re.fullmatch(r'\s+(\d)\.\s+(\S+)  (.+)  (\S+)', line).groups()
+          for block in (photo, val0, val13) for line in block.splitlines()[1:]]
+  assert len(rows) == 3 * K
+  first_rank, first_distance, first_name, first_file = rows[0]
+  assert first_file == str(query_photo) and first_name == 'n02979186 cassette player'
+  # Itself: zero up to the rounding of |q|^2 - 2 q.x + |x|^2, against the others' distances.
+  assert float(first_distance) < 1e-2 * float(rows[1][1])
+  assert [int(r[0]) for r in rows] == [1, 2, 3] * 3
+  assert (tiny_runs['a'] / 'features' / 'fc7_train_step2' / 'features.npy').is_file()
+  with Image.open(out / 'queries.png') as image:
+    # A row per query, 1 + K cells of 120 x 145 pixels.
+    assert image.size == ((1 + K) * 120, 3 * 145)
+    assert np.asarray(image.convert('L')).std() > 10
+
+
+def test_an_index_outside_the_eval_split_is_one_clear_error(commands, out):
+  status, _, stderr = commands['bad_index']
+  assert status == 1
+  errors = [line for line in stderr.splitlines() if line.startswith('E')]
+  assert len(errors) == 1, stderr[-3000:]
+  assert "The 'val' split has 20 examples: no index 20." in errors[0]
+  assert 'Traceback' not in stderr and not (out / 'bad_index.png').exists()

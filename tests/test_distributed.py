@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from test_main import env  # pylint: disable=unused-import  # The fixture.
-from test_main import REPO, assert_bit_equal, final_params, main_command, run_main
+from test_main import REPO, assert_bit_equal, final_params, main_command, run_main, trained
 
 STEPS = 2  # Steps of each run: 2 processes, then 1 device, then 2 devices.
 # num_devices=0: all the devices XLA_FLAGS gives. A constant learning rate, since cosine decays
@@ -222,7 +222,5 @@ def test_two_processes_under_mesh_train_as_under_pmap(tmp_path, env, two_process
                               '--config.parallelism=mesh', env=with_devices(env, 1))
   assert codes == [0, 0], logs
   # The plateau state differs by design: this run evaluated at its last step, STEPS.
-  def trained(params):
-    return {k: v for k, v in params.items() if not k.startswith('/plateau/')}
   assert_bit_equal(trained(final_params(workdirs[0])),
                    trained(final_params(two_processes[0], step=STEPS)))

@@ -72,6 +72,11 @@ def assert_bit_equal(a, b):
     np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def trained(state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """`final_params` without the plateau state: for runs whose evaluations differ by design."""
+  return {k: v for k, v in state.items() if not k.startswith('/plateau/')}
+
+
 @pytest.fixture(scope='module')
 def uninterrupted(tmp_path_factory, env):
   """A 12-step run that nothing interrupts: the reference for the resume tests."""
@@ -239,7 +244,9 @@ def test_sigterm_during_a_long_evaluation_saves_and_the_rerun_evaluates_it(
   final = json.loads((tmp_path / 'final_metrics.json').read_text())
   assert final['step'] == 12 and final['eval_top1'] is not None
   assert '[12] eval' in rerun.stderr
-  assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
+  # This run's evaluation covers the whole split, the reference's one batch: their plateau
+  # states differ by design.
+  assert_bit_equal(trained(final_params(tmp_path)), trained(final_params(uninterrupted)))
 
 
 def _cut_to(source, workdir, step: int) -> None:

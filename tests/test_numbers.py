@@ -224,8 +224,8 @@ def test_evaluation_with_no_decodable_image_names_the_split_and_the_failures(tmp
                        eval_split='val', num_classes=2, image_size=63, resize_size=66,
                        eval_batch_size=4, cache=False)
   state = train.create_train_state(config, jax.random.PRNGKey(0))
-  devices = parallel.select_devices(1)
+  data_parallel = parallel.create('pmap', parallel.select_devices(1))
   with pytest.raises(ValueError, match=r"No image of the 'val' split of 'folder' could be "
                                        r'evaluated: 4 files failed to decode'):
-    train.evaluate(parallel.pmap(train.eval_step, devices), parallel.replicate(state, devices),
-                   config, devices)
+    train.evaluate(data_parallel.map(train.eval_step), data_parallel.put_state(state), config,
+                   data_parallel)

@@ -115,7 +115,7 @@ def test_unprepared_dataset_without_internet(tmp_path, monkeypatch):
                      'Failed to resolve.*tfds build mnist'):
     input_pipeline.get_dataset_info(config)
   config.dataset = 'no_such_dataset'
-  with pytest.raises(ValueError, match="neither 'folder', 'digits', 'fake' nor"):
+  with pytest.raises(ValueError, match="neither 'folder', 'digits', 'prepared', 'fake' nor"):
     input_pipeline.get_dataset_info(config)
 
 

@@ -8,9 +8,7 @@ come from a checkpoint of the workdir ('latest', 'best' or a step; see
 import json
 
 from etils import epath
-import jax
 import ml_collections
-import numpy as np
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
@@ -55,15 +53,6 @@ _ADDED_FIELDS = {
 }
 
 
-def zeros_state(config: ml_collections.ConfigDict) -> train.TrainState:
-  """A `TrainState` of `config`'s structure and shapes, all zeros: a target to restore into.
-
-  Nothing is initialised: compiling the initialisers takes longer than evaluating a small model.
-  """
-  shapes = jax.eval_shape(lambda: train.create_train_state(config, jax.random.PRNGKey(0)))
-  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
-
-
 def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,
                checkpoint: int | str = 'latest', init_from: str | None = None) -> train.TrainState:
   """The host train state of a trained model.
@@ -81,7 +70,7 @@ def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     checkpointing.CheckpointError: no such checkpoint, unreadable, or of another model.
     ValueError: the weights file is unreadable or of another model.
   """
-  state = zeros_state(config)
+  state = train.zeros_state(config)
   if init_from:
     return state.replace(params=convert.load_params(
         init_from, config.model.variant, config.num_classes, config.image_size,

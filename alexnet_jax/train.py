@@ -86,6 +86,15 @@ def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
       dropout_rng=dropout_rng, plateau=optim.PlateauState.create())
 
 
+def zeros_state(config: ml_collections.ConfigDict) -> TrainState:
+  """A `TrainState` of `config`'s structure and shapes, all zeros: a target to restore into.
+
+  Nothing is initialised: compiling the initialisers takes longer than evaluating a small model.
+  """
+  shapes = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
+  return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float) -> jax.Array:
   """Per-example softmax cross-entropy. logits [B, K] float32, labels [B] int -> [B]."""
   num_classes = logits.shape[-1]
@@ -342,9 +351,8 @@ def _finished(plan: _Plan, manager: Any) -> tuple[TrainState, dict[str, Any]] | 
   final = json.loads(path.read_text())
   if final.get('step') != latest:
     return None  # Stopped after its last checkpoint, before its summary: finish it.
-  target = create_train_state(plan.config, jax.random.PRNGKey(plan.config.seed))
   state, _ = checkpointing.restore_latest(
-      manager, target, checkpointing.config_to_dict(plan.config),
+      manager, zeros_state(plan.config), checkpointing.config_to_dict(plan.config),
       damaged_to=plan.workdir / checkpointing.DAMAGED_DIRECTORY)
   if int(state.step) != latest:
     return None

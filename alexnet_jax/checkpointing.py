@@ -186,6 +186,7 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, config: Mapping[
     CheckpointError: the checkpoints belong to another model/optimizer, one cannot be read
       for a reason that is not damage (nothing is moved then), or none is readable.
   """
+  _drop_closed_loop_callbacks()
   manager.reload()
   skipped = []
   for step in sorted(manager.all_steps(), reverse=True):
@@ -197,7 +198,6 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any, config: Mapping[
             f'The checkpoint of step {step} in {manager.directory} cannot be read now ({e}); '
             'nothing was changed. Fix the cause (permissions, the file system) and rerun.'
         ) from e
-      _drop_closed_loop_callbacks()
       where = _move_aside(manager, step, damaged_to)
       logging.warning('Skipped damaged checkpoint step %d in %s (%s)%s', step,
                       manager.directory, e, f'; moved to {where}' if where else '')
@@ -219,6 +219,8 @@ def _drop_closed_loop_callbacks() -> None:
   still finishes the other reads; their callbacks then raise "Event loop is closed" in
   TensorStore's threads, each printed as a traceback (dozens, measured) through
   `sys.unraisablehook`. Those, and only those, are dropped; every other one is printed.
+  The filter goes in before the first read: the late callbacks can arrive while the failed
+  restore is still unwinding (seen on the CI machine), before any handler of ours runs.
   """
   hook = sys.unraisablehook
   if getattr(hook, 'drops_closed_loop_callbacks', False):

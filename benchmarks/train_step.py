@@ -1,33 +1,35 @@
-r"""Training-step speed: this project's JAX step vs the same AlexNet in PyTorch, interleaved.
+r"""Training-step speed: this project's JAX step vs the same AlexNet in PyTorch.
 
-Both frameworks get the same network (`torch_reference.TorchAlexNet`, loaded with the Flax
-weights through `convert`), the same SGD (momentum 0.9, weight decay 5e-4 on every parameter:
-the project's 'sgd' optimizer and `torch.optim.SGD`), the same random batch on the same device,
-and dropout on in train mode. After a warm-up the two are timed in alternating rounds
-(A B, B A, ...) so that load from other processes hits both alike; each round runs a few
-steps and waits for the device. Prints images/s (median over rounds), the median per-round
-ratio JAX / PyTorch (> 1: JAX faster), peak memory of each framework measured in a subprocess
-of its own, MFU on GPU, and a Markdown row for docs/benchmarks.md.
+Each framework runs in a fresh Python of its own, as a user runs one or the other: by default
+`--pairs` JAX processes and as many PyTorch ones (benchmarks/torch_step.py, which never
+imports JAX), alternating A B, B A, ... so that load from other processes hits both alike.
+Each process builds the step, runs `--warmup` untimed steps (compilation), then times
+`--steps` single steps and reports their median and its peak memory. Prints each side's
+median images/s over processes and their spread, the median of the per-pair ratios
+JAX / PyTorch (> 1: JAX faster), the peak memories and their ratio, MFU on GPU, and a
+Markdown row for docs/benchmarks.md.
 
     python benchmarks/train_step.py --variant=torchvision --batch=64
-    python benchmarks/train_step.py --variant=paper --batch=64 --mode=eval --rounds=6
+    python benchmarks/train_step.py --variant=paper --batch=64 --mode=eval --pairs=4
     python benchmarks/train_step.py --variant=paper --batch=256 --dtype=bfloat16 \
         --torch_channels_last --torch_compile            # on a GPU
 
-The JAX step is `train.train_step` / `train.eval_step` under `parallel.pmap` with the state
-donated, exactly as the training loop runs it (so it includes the loop's loss / top-1 / top-5
-metrics and its finiteness check); the PyTorch step computes the same metrics. No tf.data.
+`--processes=shared` instead runs both frameworks in this one process, in interleaved rounds
+of `--steps` steps with the same weights: labelled as such, it is not what a user gets (two
+thread pools in one process; PyTorch measured ~17% slower there than alone on 2 cores).
+
+The JAX step is `train.train_step` / `train.eval_step` under `config.parallelism` with the
+state donated, exactly as the training loop runs it (so it includes the loop's loss / top-1 /
+top-5 metrics and its finiteness check); the PyTorch step computes the same metrics. Both get
+the same network (`torch_reference.TorchAlexNet`), the same SGD (momentum 0.9, weight decay
+5e-4 on every parameter: the project's 'sgd' optimizer and `torch.optim.SGD`), the same random
+batch, and dropout on in train mode. No tf.data.
 """
 
-from collections.abc import Callable
-import contextlib
 import functools
-import importlib.metadata
 import json
 import os
 import pathlib
-import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -44,13 +46,13 @@ from absl import flags
 import jax
 import numpy as np
 
-from alexnet_jax import convert
+from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
-from benchmarks.timing import time_interleaved
-from configs import imagenet
+from benchmarks import timing
+from benchmarks.timing import make_batch, make_config, versions  # scaling.py uses them here.
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 FRAMEWORKS = ('jax', 'torch')
@@ -60,21 +62,28 @@ _H100_PEAK_FLOPS = {'bfloat16': 989e12, 'tf32': 494e12, 'float32': 67e12}
 
 _VARIANT = flags.DEFINE_enum('variant', 'paper', models.VARIANTS, 'AlexNet variant.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size (224 px images, 1000 classes).')
+_IMAGE_SIZE = flags.DEFINE_integer(
+    'image_size', 224, 'Input size; 64 is the embedded digits default (configs/default.py).')
+_NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Output classes (digits: 10).')
 _MODE = flags.DEFINE_enum('mode', 'train', ('train', 'eval'),
                           'train: forward, backward and SGD update; eval: forward only.')
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', ('float32', 'bfloat16'),
                            'Compute dtype: config.model.dtype for JAX, torch.autocast for torch.')
-_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Timed rounds per framework.')
-_STEPS = flags.DEFINE_integer('steps', 2, 'Steps per round.')
+_PROCESSES = flags.DEFINE_enum(
+    'processes', 'fresh', ('fresh', 'shared'),
+    'fresh: each framework in Pythons of its own, alternating; shared: both in this process, '
+    'interleaved rounds (not what a user gets).')
+_PAIRS = flags.DEFINE_integer('pairs', 4, 'fresh: processes per framework, alternating.')
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'shared: timed rounds per framework.')
+_STEPS = flags.DEFINE_integer('steps', 3,
+                              'fresh: timed steps per process; shared: steps per round.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps per framework first (compilation).')
 _NUM_DEVICES = flags.DEFINE_integer(
-    'num_devices', 1, 'JAX devices to pmap over. PyTorch runs on one device, so > 1 needs '
+    'num_devices', 1, 'JAX devices to run on. PyTorch runs on one device, so > 1 needs '
     '--frameworks=jax (benchmarks/scaling.py compares device counts).')
 _PARALLELISM = flags.DEFINE_enum('parallelism', 'pmap', parallel.PARALLELISMS,
-                                 "The JAX step's config.parallelism: pmap or jit over a mesh.")
+                                 "The JAX step's config.parallelism.")
 _FRAMEWORKS = flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which of jax, torch to run.')
-_MEMORY = flags.DEFINE_bool('memory', True,
-                            'Measure peak memory, one subprocess per framework.')
 _TF32 = flags.DEFINE_enum(
     'tf32', 'on', ('on', 'off', 'default'),
     'GPU float32 matmuls and convolutions in TF32 for both frameworks (on), in full float32 '
@@ -85,32 +94,16 @@ _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'torch.compile the Py
 _PEAK_TFLOPS = flags.DEFINE_float(
     'peak_tflops', 0.0, 'Peak TFLOP/s of all devices together for MFU; 0: an H100 SXM\'s dense '
     'peak per device (989 bf16, 494 TF32, 67 with --tf32=off) on GPU, no MFU on CPU.')
-_MEMORY_PROBE = flags.DEFINE_enum('memory_probe', None, FRAMEWORKS,
-                                  'Internal: run one framework alone and print its peak memory.')
+_CHILD = flags.DEFINE_bool('child', False,
+                           'Internal: this is a fresh JAX process; measure and print a result.')
 
 
-def make_config(variant: str, batch: int, dtype: str, num_devices: int,
-                parallelism: str = 'pmap'):
-  """configs/imagenet.py with the benchmark's overrides (torch.optim.SGD semantics)."""
-  config = imagenet.get_config()
-  config.parallelism = parallelism
-  config.model.variant = variant
-  config.model.dtype = dtype
-  config.batch_size = config.eval_batch_size = batch
-  config.num_devices = num_devices
-  config.optimizer = 'sgd'
-  config.weight_decay_on_biases = True  # torch.optim.SGD decays every parameter.
-  config.lr_schedule = 'constant'
+def benchmark_config():
+  """`make_config` of the flags, at their image size and class count."""
+  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
+                       _PARALLELISM.value)
+  config.image_size, config.num_classes = _IMAGE_SIZE.value, _NUM_CLASSES.value
   return config
-
-
-def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A random batch: 'image' float32 [B, S, S, 3] ~ N(0, 1), 'label' int32 [B], 'mask' [B]."""
-  rng = np.random.default_rng(seed)
-  size, batch = config.image_size, config.batch_size
-  return {'image': rng.standard_normal((batch, size, size, 3), np.float32),
-          'label': rng.integers(0, config.num_classes, batch).astype(np.int32),
-          'mask': np.ones(batch, bool)}
 
 
 def create_state(config, mode: str):
@@ -146,6 +139,7 @@ def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
   keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'label')
   device_batch = jax.block_until_ready(data_parallel.put_batch({k: batch[k] for k in keys}))
   replicated = [data_parallel.put_state(state)]
+  compiled = []
 
   def run(n: int) -> None:
     for _ in range(n):
@@ -153,175 +147,108 @@ def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
         out = step(replicated[0], device_batch)
       else:
         replicated[0], out = step(replicated[0], device_batch)
+      if not compiled:
+        host_memory.release_freed()  # As the training loop does after its first step.
+        compiled.append(True)
     jax.block_until_ready(out)
   return run
 
 
-def torch_runner(config, mode: str, batch: dict[str, np.ndarray], params, device: str,
-                 channels_last: bool, compile_model: bool):
-  """Returns run(n): n PyTorch steps of the same net and optimizer, synchronising at the end.
-
-  params: Flax params to copy in (same weights, so the same arithmetic), or None for torch's
-  own initialisation (the memory probe, where values do not matter).
-  """
-  import torch  # pylint: disable=g-import-not-at-top
-  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import torch_reference  # pylint: disable=g-import-not-at-top
-  m = config.model
-  model = torch_reference.TorchAlexNet(
-      m.variant, config.num_classes, config.image_size, m.dropout_rate, m.lrn_depth_radius,
-      m.lrn_bias, m.lrn_alpha, m.lrn_beta)
-  if params is not None:
-    model.load_state_dict({k: torch.from_numpy(v) for k, v in
-                           convert.flax_to_torch_state_dict(params, m.variant).items()})
-  memory_format = torch.channels_last if channels_last else torch.contiguous_format
-  model = model.to(device, memory_format=memory_format)
-  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(
-      device, memory_format=memory_format)
-  labels = torch.from_numpy(batch['label']).long().to(device)
-  forward = torch.compile(model) if compile_model else model
-  autocast = (torch.autocast(device.split(':')[0], dtype=torch.bfloat16)
-              if m.dtype == 'bfloat16' else contextlib.nullcontext())
-  optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate,
-                              momentum=config.momentum, weight_decay=config.weight_decay)
-
-  def metrics(logits):
-    # The metrics train_step / eval_step report, kept on the device like theirs.
-    top5 = logits.topk(5, dim=-1).indices == labels[:, None]
-    return top5[:, 0].float().mean(), top5.any(-1).float().mean()
-
-  def train_step():
-    optimizer.zero_grad(set_to_none=True)
-    with autocast:
-      logits = forward(images).float()
-    loss = F.cross_entropy(logits, labels)
-    loss.backward()
-    optimizer.step()
-    return loss.detach(), metrics(logits.detach())
-
-  def eval_step():
-    with torch.inference_mode(), autocast:
-      probs = forward(images).float().softmax(-1)
-    return -probs.gather(1, labels[:, None]).log().sum(), metrics(probs)
-
-  model.train(mode == 'train')
-  step = train_step if mode == 'train' else eval_step
-
-  def run(n: int) -> None:
-    for _ in range(n):
-      step()
-    if device.startswith('cuda'):
-      torch.cuda.synchronize()
-  return run
-
-
-def configure_precision(tf32: str) -> None:
-  """Sets TF32 use for float32 GPU matmuls and convolutions in both frameworks."""
-  import torch  # pylint: disable=g-import-not-at-top
-  if tf32 == 'default':
-    return
-  on = tf32 == 'on'
-  jax.config.update('jax_default_matmul_precision', 'tensorfloat32' if on else 'highest')
-  torch.backends.cuda.matmul.allow_tf32 = on
-  torch.backends.cudnn.allow_tf32 = on
-
-
-def torch_device() -> str:
-  """'cuda' when JAX runs on a GPU (PyTorch must then see one too), else 'cpu'."""
-  if jax.default_backend() != 'gpu':
-    return 'cpu'
-  import torch  # pylint: disable=g-import-not-at-top
-  if not torch.cuda.is_available():
-    raise ValueError('JAX runs on a GPU but this PyTorch build sees no CUDA device; install a '
-                     'CUDA build of torch, or run on CPU with JAX_PLATFORMS=cpu.')
-  return 'cuda'
-
-
-def _proc_status_kib(field: str) -> int:
-  """A VmRSS / VmHWM style field of /proc/self/status, in KiB."""
-  text = pathlib.Path('/proc/self/status').read_text()
-  return int(re.search(rf'^{field}:\s+(\d+) kB', text, re.M).group(1))
-
-
-def _reset_peak_rss() -> bool:
-  """Resets the kernel's peak-RSS mark (VmHWM) of this process; False where not allowed."""
-  try:
-    pathlib.Path('/proc/self/clear_refs').write_text('5')
-    return True
-  except OSError:
-    return False
-
-
-def memory_probe(framework: str, config, batch, device: str) -> dict[str, float]:
-  """Builds and runs one framework alone; returns its peak memory in MiB.
-
-  CPU: resident set growth over the process's size before the model existed (imports done):
-  'peak' during the timed steps (the kernel's peak mark is reset after the warm-up, so XLA
-  compilation is left out; where that is not allowed, the whole-run peak) and
-  'peak_with_setup' (model building and compilation too). GPU: the framework's own allocator peak over the process.
-  """
-  baseline = _proc_status_kib('VmRSS')
-  if framework == 'jax':
-    run = jax_runner(config, _MODE.value, batch, create_state(config, _MODE.value))
-  else:
-    run = torch_runner(config, _MODE.value, batch, None, device, _TORCH_CHANNELS_LAST.value,
-                       _TORCH_COMPILE.value)
-  run(_WARMUP.value)
-  # Not ru_maxrss: Linux carries the parent's peak into a child across fork and exec.
-  with_setup = _proc_status_kib('VmHWM')
-  reset = _reset_peak_rss()
-  run(_STEPS.value)
-  if device == 'cpu':
-    mib = lambda kib: (kib - baseline) / 1024
-    return {'peak': mib(_proc_status_kib('VmHWM')), 'peak_reset_after_warmup': reset,
-            'peak_with_setup': mib(max(with_setup, _proc_status_kib('VmHWM')))}
-  if framework == 'jax':
-    peak = jax.local_devices()[0].memory_stats()['peak_bytes_in_use']
-  else:
-    import torch  # pylint: disable=g-import-not-at-top
-    peak = torch.cuda.max_memory_allocated()
-  return {'peak': peak / 2**20, 'peak_with_setup': peak / 2**20}
-
-
-def measure_memory(framework: str) -> dict[str, float]:
-  """Runs `memory_probe` for `framework` in a fresh Python and returns its result."""
-  argv = [a for a in sys.argv[1:] if not a.startswith('--memory_probe')]
-  out = subprocess.run([sys.executable, __file__, *argv, f'--memory_probe={framework}'],
-                       capture_output=True, text=True, check=False)
-  line = [l for l in out.stdout.splitlines() if l.startswith('MEMORY ')]
-  if out.returncode or not line:
-    raise RuntimeError(f'The {framework} memory probe failed:\n{out.stderr[-3000:]}')
-  return json.loads(line[-1][len('MEMORY '):])
-
 
 def machine() -> str:
-  """The accelerator's name, or the CPU model and core count."""
+  """The accelerators' name and count, or the CPU model and core count."""
   if jax.default_backend() == 'gpu':
     return f'{jax.devices()[0].device_kind} x{jax.device_count()}'
-  model = platform.processor() or 'unknown CPU'
-  cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    found = re.search(r'^model name\s*:\s*(.+)$', cpuinfo.read_text(), re.M)
-    model = found.group(1).strip() if found else model
-  return f'{model}, {os.cpu_count()} cores'
-
-
-def versions() -> str:
-  """Versions of the packages that decide the numbers."""
-  names = ('jax', 'jaxlib', 'flax', 'optax', 'torch')
-  found = []
-  for name in names:
-    try:
-      found.append(f'{name} {importlib.metadata.version(name)}')
-    except importlib.metadata.PackageNotFoundError:
-      found.append(f'{name} -')
-  return ', '.join(found)
+  return timing.cpu_name()
 
 
 def flops_per_image(variant: str, image_size: int, num_classes: int, mode: str) -> float:
   """2 x the hand-counted multiply-adds of the forward pass; x3 with the backward pass."""
   macs = sum(row.macs for row in models.layer_table(variant, image_size, num_classes))
   return 2.0 * macs * (3 if mode == 'train' else 1)
+
+
+def configure_precision(tf32: str) -> None:
+  """Sets TF32 use for float32 GPU matmuls and convolutions in JAX (torch_step.py: PyTorch's)."""
+  if tf32 != 'default':
+    jax.config.update('jax_default_matmul_precision',
+                      'tensorfloat32' if tf32 == 'on' else 'highest')
+
+
+def jax_child(config) -> None:
+  """A fresh JAX process: measures the step alone and prints the result."""
+  def build():
+    run = jax_runner(config, _MODE.value, make_batch(config), create_state(config, _MODE.value))
+    if jax.default_backend() == 'cpu':
+      return run, None
+    return run, lambda: jax.local_devices()[0].memory_stats()['peak_bytes_in_use']
+  result = timing.measure_alone(build, _WARMUP.value, _STEPS.value)
+  result['device'] = machine()
+  timing.print_result(result)
+
+
+def torch_spec(device: str) -> dict:
+  """What benchmarks/torch_step.py needs to build the same step."""
+  return {'variant': _VARIANT.value, 'batch': _BATCH.value, 'image_size': _IMAGE_SIZE.value,
+          'num_classes': _NUM_CLASSES.value, 'mode': _MODE.value, 'dtype': _DTYPE.value,
+          'steps': _STEPS.value, 'warmup': _WARMUP.value, 'device': device,
+          'tf32': _TF32.value, 'channels_last': _TORCH_CHANNELS_LAST.value,
+          'compile': _TORCH_COMPILE.value}
+
+
+def run_fresh() -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
+  """Alternating fresh processes; returns per-process median step seconds, peak MiB, device."""
+  jax_command = [__file__, *[a for a in sys.argv[1:] if not a.startswith('--child')],
+                 '--child']
+  commands = {'jax': jax_command}
+  if 'torch' in _FRAMEWORKS.value:
+    torch_script = str(pathlib.Path(__file__).with_name('torch_step.py'))
+    commands['torch'] = [torch_script, json.dumps(torch_spec(jax_backend_device()))]
+  results = timing.run_alternating(commands, _PAIRS.value, describe)
+  seconds = {n: [statistics.median(r['step_seconds']) for r in rs] for n, rs in results.items()}
+  peaks = {n: [r['peak_mib'] for r in rs] for n, rs in results.items()}
+  return seconds, peaks, results['jax'][0]['device']
+
+
+def jax_backend_device() -> str:
+  """'cuda' where a fresh JAX process runs on a GPU, else 'cpu' (asked without starting JAX here)."""
+  out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
+                       capture_output=True, text=True, check=True)
+  return 'cuda' if out.stdout.split()[-1] == 'gpu' else 'cpu'
+
+
+def describe(name: str, result: dict) -> str:
+  """A progress line for one process's result."""
+  del name
+  step = statistics.median(result['step_seconds'])
+  return (f'{_BATCH.value / step:.1f} images/s ({1e3 * step:.0f} ms/step, warm-up '
+          f'{result["warmup_seconds"]:.1f} s), peak {result["peak_mib"]:.0f} MiB')
+
+
+def run_shared() -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
+  """Both frameworks in this process, interleaved rounds; no memory (it would be mixed)."""
+  config = benchmark_config()
+  batch = make_batch(config)
+  state = create_state(config, _MODE.value)
+  runners = {}
+  if 'torch' in _FRAMEWORKS.value:
+    import torch_step  # pylint: disable=g-import-not-at-top
+    from alexnet_jax import convert  # pylint: disable=g-import-not-at-top
+    device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
+    torch_step.configure(device, _TF32.value)
+    runners['torch'] = torch_step.torch_runner(
+        config, _MODE.value, batch,
+        convert.flax_to_torch_state_dict(jax.device_get(state.params), config.model.variant,
+                                        config.image_size),
+        device, _TORCH_CHANNELS_LAST.value, _TORCH_COMPILE.value)
+  if 'jax' in _FRAMEWORKS.value:
+    runners['jax'] = jax_runner(config, _MODE.value, batch, state)
+  del state  # Replicated (and donated) from here on.
+  for run in runners.values():
+    run(_WARMUP.value)
+  rounds = timing.time_interleaved(runners, _ROUNDS.value, _STEPS.value)
+  seconds = {name: [s / _STEPS.value for s in r] for name, r in rounds.items()}
+  return seconds, {}, machine()
 
 
 def check_flags() -> None:
@@ -333,7 +260,7 @@ def check_flags() -> None:
   if _NUM_DEVICES.value != 1 and 'torch' in _FRAMEWORKS.value:
     raise ValueError(f'--num_devices={_NUM_DEVICES.value}: the PyTorch step runs on one device; '
                      f'add --frameworks=jax, or use benchmarks/scaling.py.')
-  for flag in (_ROUNDS, _STEPS, _WARMUP, _BATCH):
+  for flag in (_PAIRS, _ROUNDS, _STEPS, _WARMUP, _BATCH, _IMAGE_SIZE, _NUM_CLASSES):
     if flag.value < (0 if flag is _WARMUP else 1):
       raise ValueError(f'--{flag.name}={flag.value} must be positive.')
 
@@ -341,85 +268,68 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   check_flags()
-  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
-                       _PARALLELISM.value)
-  batch = make_batch(config)
-  device = torch_device() if 'torch' in _FRAMEWORKS.value else 'cpu'
-  if 'torch' in _FRAMEWORKS.value:
-    import torch  # pylint: disable=g-import-not-at-top
-    # The same number of threads as XLA's CPU pool, which uses every core.
-    torch.set_num_threads(os.cpu_count())
-    configure_precision(_TF32.value)
-  if _MEMORY_PROBE.value:
-    print('MEMORY', json.dumps(memory_probe(_MEMORY_PROBE.value, config, batch, device)))
+  configure_precision(_TF32.value)
+  if _CHILD.value:
+    jax_child(benchmark_config())
     return
-
-  state = create_state(config, _MODE.value)
-  params = jax.device_get(state.params)
-  runners = {}
-  if 'jax' in _FRAMEWORKS.value:
-    runners['jax'] = jax_runner(config, _MODE.value, batch, state)
-  del state  # Replicated (and donated) from here on.
-  if 'torch' in _FRAMEWORKS.value:
-    runners['torch'] = torch_runner(config, _MODE.value, batch, params, device,
-                                    _TORCH_CHANNELS_LAST.value, _TORCH_COMPILE.value)
-  del params
-  for name, run in runners.items():
-    start = time.perf_counter()
-    run(_WARMUP.value)
-    print(f'{name}: warm-up ({_WARMUP.value} steps, compilation included) '
-          f'{time.perf_counter() - start:.1f} s', flush=True)
-
   load_before = os.getloadavg()[0]
-  seconds = time_interleaved(runners, _ROUNDS.value, _STEPS.value)
-  load_after = os.getloadavg()[0]
-  memory = {name: measure_memory(name) for name in runners} if _MEMORY.value else {}
-  report(config, seconds, memory, device, (load_before, load_after))
+  seconds, peaks, device = run_fresh() if _PROCESSES.value == 'fresh' else run_shared()
+  report(seconds, peaks, device, (load_before, os.getloadavg()[0]))
 
 
-def report(config, seconds: dict[str, list[float]], memory: dict[str, dict[str, float]],
-           device: str, load: tuple[float, float]) -> None:
-  """Prints the per-framework medians, the ratio, MFU and a Markdown table."""
-  images = config.batch_size * _STEPS.value
-  rate = {name: images / statistics.median(s) for name, s in seconds.items()}
-  spread = {name: (images / max(s), images / min(s)) for name, s in seconds.items()}
-  ratio = None
-  if len(seconds) == 2:
-    ratio = statistics.median(t / j for j, t in zip(seconds['jax'], seconds['torch']))
+def report(seconds: dict[str, list[float]], peaks: dict[str, list[float]], device: str,
+           load: tuple[float, float]) -> None:
+  """Prints each side's median and spread, the median per-pair ratio, MFU and a Markdown row.
+
+  Args:
+    seconds: framework -> seconds per step, one per process (fresh) or per round (shared).
+    peaks: framework -> peak MiB per process (fresh; empty for shared).
+    device: what the steps ran on.
+    load: the 1-min load average before and after.
+  """
+  fresh = _PROCESSES.value == 'fresh'
+  rate = {name: [_BATCH.value / s for s in values] for name, values in seconds.items()}
+  ratio = timing.pair_ratio(rate['jax'], rate['torch']) if len(rate) == 2 else None
+  memory_ratio = timing.pair_ratio(peaks['jax'], peaks['torch']) if len(peaks) == 2 else None
   peak_flops = _PEAK_TFLOPS.value * 1e12
-  if not peak_flops and device != 'cpu':
+  if not peak_flops and 'cores' not in device:
     unit = 'tf32' if _DTYPE.value == 'float32' and _TF32.value != 'off' else _DTYPE.value
     peak_flops = _H100_PEAK_FLOPS[unit] * _NUM_DEVICES.value
-  flops = flops_per_image(_VARIANT.value, config.image_size, config.num_classes, _MODE.value)
+  flops = flops_per_image(_VARIANT.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, _MODE.value)
   torch_options = [o for o, on in (('channels_last', _TORCH_CHANNELS_LAST.value),
                                    ('compile', _TORCH_COMPILE.value)) if on]
-  setting = (f'{_VARIANT.value} {_MODE.value}, batch {config.batch_size}, {_DTYPE.value}, '
-             f'{_NUM_DEVICES.value} device(s)')
-  if device != 'cpu':
+  setting = (f'{_VARIANT.value} {_MODE.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, '
+             f'{_DTYPE.value}, {_NUM_DEVICES.value} device(s)')
+  if peak_flops:
     setting += f', tf32 {_TF32.value}'
   if torch_options:
     setting += f', torch {"+".join(torch_options)}'
-  print(f'\n{setting}\nmachine: {machine()}\nversions: {versions()}\n'
+  how = (f'{_PAIRS.value} fresh processes per framework, alternating, each {_WARMUP.value} '
+         f'warm-up + {_STEPS.value} timed steps (median)' if fresh else
+         f'SAME PROCESS: {_ROUNDS.value} interleaved rounds x {_STEPS.value} steps after '
+         f'{_WARMUP.value} warm-up steps (not what a user gets)')
+  print(f'\n{setting}\nmachine: {device}\nversions: {versions()}\n'
         f'date: {time.strftime("%Y-%m-%d %H:%M")}\n1-min load average: {load[0]:.2f} before, '
-        f'{load[1]:.2f} after\n{_ROUNDS.value} rounds x {_STEPS.value} steps per framework, '
-        f'after {_WARMUP.value} warm-up steps')
-  for name in seconds:
-    line = (f'{name:>5}: {rate[name]:8.1f} images/s median ({spread[name][0]:.1f} to '
-            f'{spread[name][1]:.1f}), {1e3 * statistics.median(seconds[name]) / _STEPS.value:.0f}'
-            f' ms/step')
+        f'{load[1]:.2f} after\n{how}')
+  for name, values in rate.items():
+    line = (f'{name:>5}: {statistics.median(values):8.1f} images/s median '
+            f'({min(values):.1f} to {max(values):.1f})')
     if peak_flops:
-      line += f', MFU {rate[name] * flops / peak_flops:.1%}'
-    if name in memory:
-      line += (f', peak memory {memory[name]["peak"]:.0f} MiB '
-               f'({memory[name]["peak_with_setup"]:.0f} MiB with setup)')
+      line += f', MFU {statistics.median(values) * flops / peak_flops:.1%}'
+    if name in peaks:
+      line += f', peak memory {statistics.median(peaks[name]):.0f} MiB median'
     print(line)
   if ratio is not None:
-    print(f'JAX / PyTorch speed (median of per-round ratios): {ratio:.3f}')
+    pairs = ', '.join(f'{j / t:.2f}' for j, t in zip(rate['jax'], rate['torch']))
+    print(f'JAX / PyTorch speed, median of per-{"pair" if fresh else "round"} ratios: '
+          f'{ratio:.3f} ({pairs})')
+  if memory_ratio is not None:
+    print(f'JAX / PyTorch peak memory, median of per-pair ratios: {memory_ratio:.3f}')
 
-  peaks = {name: m['peak'] for name, m in memory.items()}
-  memory_ratio = peaks['jax'] / peaks['torch'] if len(peaks) == 2 else None
-  cells = [setting, _cell(rate.get('jax'), '.1f'), _cell(rate.get('torch'), '.1f'),
-           _cell(ratio, '.2f'), _cell(peaks.get('jax'), '.0f'), _cell(peaks.get('torch'), '.0f'),
+  median = lambda name, d: statistics.median(d[name]) if name in d else None
+  cells = [setting + ('' if fresh else ' (same process)'), _cell(median('jax', rate), '.1f'),
+           _cell(median('torch', rate), '.1f'), _cell(ratio, '.2f'),
+           _cell(median('jax', peaks), '.0f'), _cell(median('torch', peaks), '.0f'),
            _cell(memory_ratio, '.2f'), f'{load[0]:.1f}-{load[1]:.1f}']
   print('\n| setting | JAX img/s | PyTorch img/s | JAX/PyTorch | JAX peak MiB | '
         'PyTorch peak MiB | memory JAX/PyTorch | load |\n|---|---|---|---|---|---|---|---|')
@@ -429,6 +339,7 @@ def report(config, seconds: dict[str, list[float]], memory: dict[str, dict[str, 
 def _cell(value: float | None, spec: str) -> str:
   """A Markdown table cell: `value` formatted, or '-' when there is none."""
   return '-' if value is None else format(value, spec)
+
 
 if __name__ == '__main__':
   app.run(main)

@@ -30,6 +30,7 @@ _CHOICES = {
     'model.variant': models.VARIANTS,
     'model.init': models.INIT_SCHEMES,
     'model.dtype': ('float32', 'bfloat16', 'float16'),
+    'model.ops': ('auto',) + models.OPS,
     'optimizer': optim.OPTIMIZERS,
     'lr_schedule': optim.SCHEDULES,
     'on_nonfinite': ('stop', 'skip'),
@@ -38,7 +39,8 @@ _CHOICES = {
     'plateau_threshold_mode': ('abs', 'rel'),
 }
 _POSITIVE = ('learning_rate', 'batch_size', 'eval_batch_size', 'image_size', 'resize_size',
-             'num_classes', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints')
+             'num_classes', 'log_every_steps', 'checkpoint_every_steps', 'keep_checkpoints',
+             'model_parallel_size')
 _NON_NEGATIVE = ('momentum', 'weight_decay', 'label_smoothing', 'pca_lighting_std',
                  'model.dropout_rate', 'warmup_epochs', 'num_devices')
 # Fields a resumed run may change freely: how long, how often, where the data lies, and the
@@ -47,7 +49,8 @@ _FREE_FIELDS = frozenset({
     'num_epochs', 'num_train_steps', 'allow_config_change', 'num_devices', 'log_every_steps',
     'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_epochs', 'steps_per_eval',
     'eval_batch_size', 'eval_crops', 'data_dir', 'manual_dir', 'prefetch_to_device',
-    'num_parallel_calls', 'private_threadpool_size', 'init_from', 'parallelism',
+    'num_parallel_calls', 'private_threadpool_size', 'init_from', 'parallelism', 'model.ops',
+    'model_parallel_size',
 })
 # Free fields that set the cosine schedule's horizon (see `check_workdir`).
 _HORIZON_FIELDS = frozenset({'num_epochs', 'num_train_steps'})

@@ -4,8 +4,13 @@ shards of alexnet_jax.prepare.
 A source lists a split as a tf.data stream of handles, small dicts {'key': the example's name
 for warnings (file path or TFDS id), 'label': int32, ...}, in a canonical order or in an order
 shuffled by a seed. Handles are cheap (a path, an undecoded record, 8x8 pixels), so the
-pipeline skips and shards them before any image is read or decoded; `load` then turns a handle
-into the example's data (encoded file or pixels) for preprocessing.
+pipeline skips them before any image is decoded; `load` then turns a handle into the example's
+data (encoded file or pixels) for preprocessing.
+
+Several processes: process p of P lists only its share of a split, the examples
+`process_range(n, p, P)` of the canonical order, and reads only the records of that share
+(the TFDS slice `split[start:stop]`, or the prepared shards that hold it), so no host reads
+bytes that another host's examples fill.
 
 Used through input_pipeline, which keeps TensorFlow off the GPUs.
 """
@@ -36,6 +41,13 @@ PREPARED_METADATA = 'metadata.json'
 ShuffleSeed = Optional[tuple[int, int]]
 
 
+def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
+  """Examples [start, stop) of a split's canonical order that process p of P reads: P
+  consecutive shares whose sizes differ by at most one (as tfds.even_splits makes them)."""
+  return (num_examples * process_index // process_count,
+          num_examples * (process_index + 1) // process_count)
+
+
 class Source(abc.ABC):
   """A dataset's splits as streams of handles."""
 
@@ -43,14 +55,20 @@ class Source(abc.ABC):
   class_names: list[str]
   # load() returns an encoded image file (scalar string); False: pixels [h, w, 1 or 3].
   encoded: bool
+  # Handles are records read in sequence that carry the encoded image (TFDS, prepared): a
+  # process lists only its share. False: paths or pixels in memory, which every process can
+  # list whole for free.
+  streamed: bool
 
   @abc.abstractmethod
   def num_examples(self, split: str) -> int:
     """Number of examples in a split."""
 
   @abc.abstractmethod
-  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
-    """A split's handles, in canonical order or shuffled by a seed (two non-negative ints)."""
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
+    """This process's share of a split's handles (`process_range`; all of it for one
+    process), in canonical order or shuffled by a seed (two non-negative ints)."""
 
   @abc.abstractmethod
   def load(self, handle: dict[str, tf.Tensor]) -> tf.Tensor:
@@ -70,6 +88,7 @@ class ArraySource(Source):
     self._splits = splits
     self.class_names = class_names
     self.encoded = read_files
+    self.streamed = False
 
   def _split(self, split: str) -> dict[str, np.ndarray]:
     if split not in self._splits:
@@ -79,8 +98,10 @@ class ArraySource(Source):
   def num_examples(self, split: str) -> int:
     return len(self._split(split)['label'])
 
-  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
-    arrays = self._split(split)
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
+    start, stop = process_range(self.num_examples(split), process_index, process_count)
+    arrays = {name: array[start:stop] for name, array in self._split(split).items()}
     if shuffle_seed is not None:
       order = np.random.default_rng(shuffle_seed).permutation(len(arrays['label']))
       arrays = {name: array[order] for name, array in arrays.items()}
@@ -99,7 +120,7 @@ class TfdsSource(Source):
     self._shuffle_buffer_size = shuffle_buffer_size
     self._image_key, self._label_key = _supervised_keys(builder)
     self.class_names = list(builder.info.features[self._label_key].names)
-    self.encoded = True
+    self.encoded = self.streamed = True
 
   def _check_split(self, split: str):
     if split not in self._builder.info.splits:
@@ -110,11 +131,14 @@ class TfdsSource(Source):
     self._check_split(split)
     return self._builder.info.splits[split].num_examples
 
-  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
-    self._check_split(split)
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
+    start, stop = process_range(self.num_examples(split), process_index, process_count)
     seed = _int_seed(shuffle_seed)
     ds = self._builder.as_dataset(
-        split=split,
+        # What tfds.split_for_jax_process does, with process_range's rounding: TFDS reads
+        # only the files that hold the slice (skipping into the first one).
+        split=f'{split}[{start}:{stop}]',
         shuffle_files=seed is not None,
         decoders={self._image_key: tfds.decode.SkipDecoding()},
         read_config=tfds.ReadConfig(
@@ -143,8 +167,8 @@ class PreparedSource(Source):
   """The TFRecord shards of alexnet_jax.prepare in data_dir, described by its metadata.json.
 
   A handle is a parsed record, {'key': the original file's name, 'label', 'image': JPEG
-  bytes}; a shuffle reads the split's shards in a seeded order through a seeded shuffle buffer
-  (as TfdsSource does).
+  bytes}; a shuffle reads the shards of the process's share in a seeded order through a
+  seeded shuffle buffer (as TfdsSource does).
   """
 
   def __init__(self, data_dir: Optional[str], shuffle_buffer_size: int):
@@ -158,7 +182,7 @@ class PreparedSource(Source):
     self._data_dir = data_dir
     self._shuffle_buffer_size = shuffle_buffer_size
     self.class_names = self._metadata['class_names']
-    self.encoded = True
+    self.encoded = self.streamed = True
 
   def _split(self, split: str) -> dict:
     if split not in self._metadata['splits']:
@@ -169,11 +193,33 @@ class PreparedSource(Source):
   def num_examples(self, split: str) -> int:
     return self._split(split)['num_examples']
 
-  def handles(self, split: str, shuffle_seed: ShuffleSeed = None) -> tf.data.Dataset:
-    files = [os.path.join(self._data_dir, name) for name in self._split(split)['shards']]
+  def files_read(self, split: str, process_index: int = 0,
+                 process_count: int = 1) -> list[tuple[str, int, int]]:
+    """What process p of P reads of a split: (shard path, records skipped, records read) of
+    each shard that holds part of its share, in canonical order. Only the first may skip
+    records (the TFRecord reader steps over them without parsing them)."""
+    info = self._split(split)
+    if 'shard_sizes' not in info:
+      raise ValueError(f'{os.path.join(self._data_dir, PREPARED_METADATA)} lacks the shard sizes '
+                       'that processes share the shards by (an older alexnet_jax.prepare wrote '
+                       'it): rerun the same prepare command, which rewrites it.')
+    start, stop = process_range(info['num_examples'], process_index, process_count)
+    reads, first = [], 0
+    for name, size in zip(info['shards'], info['shard_sizes']):
+      skip = max(start - first, 0)
+      take = min(stop, first + size) - first - skip
+      if take > 0:
+        reads.append((os.path.join(self._data_dir, name), skip, take))
+      first += size
+    return reads
+
+  def handles(self, split: str, shuffle_seed: ShuffleSeed = None, process_index: int = 0,
+              process_count: int = 1) -> tf.data.Dataset:
+    reads = self.files_read(split, process_index, process_count)
     seed = _int_seed(shuffle_seed)
     if seed is not None:
-      files = [files[i] for i in np.random.default_rng(seed).permutation(len(files))]
+      reads = [reads[i] for i in np.random.default_rng(seed).permutation(len(reads))]
+    files, skips, takes = (list(column) for column in zip(*reads)) if reads else ([], [], [])
     features = {'image/encoded': tf.io.FixedLenFeature([], tf.string),
                 'image/class/label': tf.io.FixedLenFeature([], tf.int64),
                 'image/filename': tf.io.FixedLenFeature([], tf.string)}
@@ -184,7 +230,11 @@ class PreparedSource(Source):
               'label': tf.cast(example['image/class/label'], tf.int32),
               'image': example['image/encoded']}
 
-    ds = tf.data.TFRecordDataset(files).map(handle)
+    ds = tf.data.Dataset.from_tensor_slices((tf.constant(files, tf.string),
+                                             tf.constant(skips, tf.int64),
+                                             tf.constant(takes, tf.int64)))
+    ds = ds.flat_map(lambda path, skip, take: tf.data.TFRecordDataset(path).skip(skip).take(take))
+    ds = ds.map(handle)
     if seed is not None:
       ds = ds.shuffle(self._shuffle_buffer_size, seed=seed)
     return ds
@@ -281,12 +331,13 @@ def _list_folder(split_dir: str) -> dict[str, list[str]]:
 @functools.lru_cache(maxsize=None)
 def digits_source() -> ArraySource:
   """scikit-learn's 1,797 8x8 digits: a fixed stratified 80/20 'train'/'test' split, pixels
-  0..16 scaled to 0..255, grey [8, 8, 1] (preprocessing repeats it for 3-channel models)."""
+  0..16 scaled to 0..255 and rounded to uint8 (as every source's pixels), grey [8, 8, 1]
+  (preprocessing repeats it for 3-channel models)."""
   # Imported here: scikit-learn is only needed for this source.
   from sklearn import datasets  # pylint: disable=g-import-not-at-top
   from sklearn import model_selection  # pylint: disable=g-import-not-at-top
   digits = datasets.load_digits()
-  pixels = (digits.images[..., None] * (255 / 16)).astype(np.float32)
+  pixels = np.round(digits.images[..., None] * (255 / 16)).astype(np.uint8)
   train, test = model_selection.train_test_split(
       np.arange(len(digits.target)), test_size=DIGITS_TEST_FRACTION,
       stratify=digits.target, random_state=0)

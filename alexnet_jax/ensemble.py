@@ -65,6 +65,7 @@ def combine(states: Sequence[train.TrainState]) -> train.TrainState:
 def _evaluation_input(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """What a model needs to share with the others: classes and what evaluation feeds it."""
   options = dataclasses.asdict(input_pipeline.preprocessing_options(config))
+  options['mean'], options['std'] = input_pipeline.pixel_statistics(config)  # The device's.
   shared = {'dataset': config.dataset, 'num_classes': config.num_classes}
   shared.update((name, value) for name, value in options.items() if name not in _TRAINING_ONLY)
   return shared

@@ -6,9 +6,12 @@ the paper's 10 crops (softmax averaged), prints top-1/top-5 accuracy, loss and p
 accuracy, and writes them to DIR/eval_step<N>_<C>crop.json (eval_<weights file>_<C>crop.json
 with --init_from). The config is the one the
 training run saved in DIR unless --config names one; then the numbers equal those the run
-logged for the same step (in DIR/metrics.jsonl), on any number of devices and processes.
+logged for the same step (in DIR/metrics.jsonl), on any number of devices and processes (a
+whole split; with config.steps_per_eval > 0 each process evaluates the first batches of its
+own share, so that subset depends on the process count).
 """
 
+import functools
 import json
 import os
 import pathlib
@@ -29,6 +32,7 @@ from alexnet_jax import config_checks
 from alexnet_jax import ensemble
 from alexnet_jax import inference
 from alexnet_jax import labels
+from alexnet_jax import normalize
 from alexnet_jax import parallel
 from alexnet_jax import preprocessing
 from alexnet_jax import train
@@ -49,9 +53,10 @@ def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
   """Runs config.eval_split on config.num_devices local devices; see `train.evaluate`."""
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
-  data_parallel = parallel.create(config.parallelism, devices)
-  return train.evaluate(data_parallel.map(train.eval_step), data_parallel.put_state(state),
-                        config, data_parallel, crops)
+  data_parallel = parallel.create(config.parallelism, devices, config.model_parallel_size)
+  step = functools.partial(train.eval_step, normalization=normalize.for_config(config))
+  return train.evaluate(data_parallel.map(step), data_parallel.put_state(state), config,
+                        data_parallel, crops)
 
 
 def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -> dict[str, Any]:

@@ -10,9 +10,16 @@ values and gradients against both and against PyTorch), different programs. On a
     windows of the input (alone, batch 64: a conv2 half 1.59 s vs 0.23 s; conv1, stride 4,
     0.81 s vs 0.38 s after space-to-depth);
   - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
-So on CPU we split groups, take weight gradients as matrix products and route the max-pool
-gradient with comparisons and strided pads. Other platforms keep XLA's own ops
-(`lax.platform_dependent`), which cuDNN serves well (docs/benchmarks_gpu.md).
+So for CPU we split groups, take weight gradients as matrix products and route the max-pool
+gradient with comparisons and strided pads. The model uses these only with
+`config.model.ops='cpu'` ('auto' on a CPU backend, `train.create_model`); elsewhere it keeps
+XLA's own ops, which cuDNN serves well (docs/benchmarks_gpu.md), and never traces these.
+
+`partitionable_conv_general_dilated` is the form for model parallelism (the paper's two GPUs,
+`config.parallelism='model'`): XLA's SPMD partitioner (Shardy or GSPMD, jax 0.10.2) all-gathers
+the input and the kernel of a `feature_group_count` convolution whose channels are split over
+devices, and the split-groups form above reshuffles the halves with all-to-alls; folding the
+groups into the batch (`batch_group_count`) lets every device convolve its own group alone.
 """
 
 import functools
@@ -42,24 +49,98 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   Returns:
     [N, H', W', C_out].
   """
-  lax_conv = functools.partial(
-      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
-      precision=precision, **kwargs)
+  if not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs):
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, precision=precision, **kwargs)
+  return _grouped_conv(lhs, rhs, strides=tuple(window_strides),
+                       padding=tuple(tuple(p) for p in padding), groups=feature_group_count,
+                       precision=precision)
+
+
+def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                kwargs) -> bool:
+  """Whether a convolution is NHWC/HWIO, undilated, explicitly padded, with no other options."""
   undilated = all(d == 1 for d in (lhs_dilation or (1, 1)) + (rhs_dilation or (1, 1)))
   # Compared in lax's canonical form: nn.Conv passes ConvDimensionNumbers, not strings, and
   # lax's default (None) is NCHW. Only NHWC/HWIO is handled.
   nhwc = (dimension_numbers is not None and lhs.ndim == 4 and
           lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) ==
           lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC))
-  if not nhwc or kwargs or not undilated or isinstance(padding, str):
-    return lax_conv(lhs, rhs)
-  strides = tuple(window_strides)
-  padding = tuple(tuple(p) for p in padding)
-  cpu_conv = functools.partial(_grouped_conv, strides=strides, padding=padding,
-                               groups=feature_group_count, precision=precision)
-  return lax.platform_dependent(lhs, rhs, cpu=cpu_conv, default=lax_conv)
+  return nhwc and not kwargs and undilated and not isinstance(padding, str)
+
+
+def partitionable_conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
+                                       window_strides: Sequence[int], padding,
+                                       lhs_dilation=None, rhs_dilation=None,
+                                       dimension_numbers=None, feature_group_count: int = 1,
+                                       precision=None, **kwargs) -> jax.Array:
+  """`conv_general_dilated` whose grouped convolutions split over devices by group.
+
+  With the channels of `lhs` and the output features of `rhs` split over a mesh axis into as
+  many parts as there are groups (or a multiple), each device convolves its groups with no
+  communication, forward and backward. Stride-1 NHWC grouped convolutions (the paper's conv2,
+  conv4, conv5) take that form; every other one is lax's own: the CPU weight gradient above
+  loops over kernel rows, and the partitioner gathered conv3's input again in every iteration.
+
+  Args, Returns: as `conv_general_dilated`.
+  """
+  if (feature_group_count == 1 or tuple(window_strides) != (1, 1) or
+      not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                      kwargs)):
+    return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation,
+                                    rhs_dilation, dimension_numbers,
+                                    feature_group_count=feature_group_count,
+                                    precision=precision, **kwargs)
+  return _batch_grouped_conv(lhs, rhs, tuple(tuple(p) for p in padding), feature_group_count,
+                             precision)
+
+
+def _groups_into_batch(x: jax.Array, groups: int) -> jax.Array:
+  """[N, H, W, G * C] -> [G * N, H, W, C]: group g's channels become batch rows [g N, (g + 1) N)."""
+  n, h, w, c = x.shape
+  return (x.reshape(n, h, w, groups, c // groups).transpose(3, 0, 1, 2, 4)
+          .reshape(groups * n, h, w, c // groups))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _batch_grouped_conv(x, w, padding, groups, precision):
+  """A stride-1 grouped convolution as `batch_group_count`: output group g sees batch group g.
+
+  Args:
+    x: [N, H, W, C_in]; w: [kh, kw, C_in / G, C_out] (HWIO, as for `feature_group_count=G`).
+  Returns:
+    [N, H', W', C_out], output features g * C_out / G ... from input channels g * C_in / G ...
+  """
+  return lax.conv_general_dilated(_groups_into_batch(x, groups), w, (1, 1), padding,
+                                  dimension_numbers=_NHWC, batch_group_count=groups,
+                                  precision=precision)
+
+
+def _batch_grouped_conv_fwd(x, w, padding, groups, precision):
+  return _batch_grouped_conv(x, w, padding, groups, precision), (x, w)
+
+
+def _batch_grouped_conv_bwd(padding, groups, precision, residuals, g):
+  """dL/dx as a batch-grouped convolution of g with each group's flipped, transposed kernel;
+  dL/dw as lax's own weight gradient of the grouped convolution (it partitions by group)."""
+  x, w = residuals
+  kh, kw, c, o = w.shape
+  w_t = (w.reshape(kh, kw, c, groups, o // groups)[::-1, ::-1].transpose(0, 1, 4, 3, 2)
+         .reshape(kh, kw, o // groups, groups * c))
+  full_padding = [(k - 1 - lo, k - 1 - hi) for k, (lo, hi) in zip((kh, kw), padding)]
+  grad_x = lax.conv_general_dilated(_groups_into_batch(g, groups), w_t, (1, 1), full_padding,
+                                    dimension_numbers=_NHWC, batch_group_count=groups,
+                                    precision=precision)
+  _, vjp = jax.vjp(lambda w: lax.conv_general_dilated(
+      x, w, (1, 1), padding, dimension_numbers=_NHWC, feature_group_count=groups,
+      precision=precision), w)
+  grad_w, = vjp(g)
+  return grad_x, grad_w
+
+
+_batch_grouped_conv.defvjp(_batch_grouped_conv_fwd, _batch_grouped_conv_bwd)
 
 
 def _grouped_conv(x: jax.Array, w: jax.Array, *, strides, padding, groups, precision):
@@ -160,9 +241,7 @@ def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
   Returns:
     [N, (H - window) // stride + 1, (W - window) // stride + 1, C].
   """
-  return lax.platform_dependent(
-      x, cpu=functools.partial(_routed_max_pool, window=window, stride=stride),
-      default=functools.partial(_reduce_window_max, window=window, stride=stride))
+  return _routed_max_pool(x, window, stride)
 
 
 def _reduce_window_max(x, window, stride):

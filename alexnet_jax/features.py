@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from alexnet_jax import normalize
 from alexnet_jax import parallel
 from alexnet_jax import train
 
@@ -51,23 +52,28 @@ class Bank(NamedTuple):
   positions: np.ndarray
 
 
-def _fc7(apply_fn: Callable[..., Any], params: Any, images: jax.Array) -> jax.Array:
-  """fc7's activations after its ReLU: images [b, S, S, C] -> float32 [b, 4096] (per device)."""
-  _, state = apply_fn({'params': params}, images, train=False, mutable=['intermediates'],
+def _fc7(apply_fn: Callable[..., Any], normalization: normalize.Normalization, params: Any,
+         batch: dict[str, jax.Array]) -> jax.Array:
+  """fc7's activations after its ReLU: a batch of b centre crops -> float32 [b, 4096] (per
+  device); batch as `input_pipeline.create_eval_iterator` makes it (crops=1)."""
+  _, state = apply_fn({'params': params}, normalization(batch), train=False,
+                      mutable=['intermediates'],
                       capture_intermediates=lambda module, _: module.name == 'fc7')
   (pre_activation,) = state['intermediates']['fc7']['__call__']
   return nn.relu(pre_activation).astype(jnp.float32)
 
 
-def _features_fn(state: train.TrainState,
-                 devices: list[jax.Device]) -> Callable[[np.ndarray], np.ndarray]:
-  """A function: images [B, S, S, C], B a multiple of len(devices) -> fc7 [B, 4096] (numpy)."""
-  p_fc7 = parallel.pmap(functools.partial(_fc7, state.apply_fn), devices)
+def _features_fn(state: train.TrainState, devices: list[jax.Device],
+                 normalization: normalize.Normalization
+                 ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
+  """A function: a batch of B centre crops ('image' uint8 [B, S, S, C], ...), B a multiple of
+  len(devices) -> fc7 [B, 4096] (numpy)."""
+  p_fc7 = parallel.pmap(functools.partial(_fc7, state.apply_fn, normalization), devices)
   params = parallel.replicate(state.params, devices)
 
-  def features(images: np.ndarray) -> np.ndarray:
-    out = p_fc7(params, parallel.shard(images, len(devices)))
-    return np.asarray(out).reshape(images.shape[0], -1)
+  def features(batch: dict[str, np.ndarray]) -> np.ndarray:
+    out = p_fc7(params, parallel.shard(batch, len(devices)))
+    return np.asarray(out).reshape(batch['image'].shape[0], -1)
   return features
 
 
@@ -77,10 +83,14 @@ def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
   return np.concatenate([array, np.zeros((missing,) + array.shape[1:], array.dtype)])
 
 
-def image_features(state: train.TrainState, images: np.ndarray,
-                   devices: list[jax.Device]) -> np.ndarray:
-  """fc7 features of preprocessed images: [n, S, S, C] -> float32 [n, 4096]."""
-  return _features_fn(state, devices)(_pad_rows(images, len(devices)))[:len(images)]
+def image_features(state: train.TrainState, examples: dict[str, np.ndarray],
+                   devices: list[jax.Device],
+                   normalization: normalize.Normalization) -> np.ndarray:
+  """fc7 features of n centre crops (`preprocessing.eval_image`'s arrays, stacked: 'image'
+  uint8 [n, S, S, C], ...) -> float32 [n, 4096]."""
+  count = len(examples['image'])
+  padded = {name: _pad_rows(array, len(devices)) for name, array in examples.items()}
+  return _features_fn(state, devices, normalization)(padded)[:count]
 
 
 def _bank_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -111,7 +121,7 @@ def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, sp
   config.eval_split, config.steps_per_eval, config.cache = split, -1, False
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
-  features = _features_fn(state, devices)
+  features = _features_fn(state, devices, normalize.for_config(config))
   total = input_pipeline.get_dataset_info(config).num_eval_examples
   files = _bank_files(directory)
   stored, done, labels, positions = None, 0, [], []
@@ -120,7 +130,7 @@ def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, sp
                                                 process_count=1)
   for k, batch in enumerate(batches):
     mask = batch['mask']
-    rows = features(batch['image'])[mask]
+    rows = features(batch)[mask]
     if stored is None:
       stored = np.lib.format.open_memmap(files['features'], 'w+', np.float32,
                                          (total, rows.shape[1]))

@@ -50,6 +50,8 @@ _ADDED_FIELDS = {
     'input_channels': 3,
     'divide_by_255': False,
     'model.conv1_padding': None,
+    'model.ops': 'auto',
+    'model_parallel_size': 2,
 }
 
 

@@ -1,6 +1,8 @@
 """tf.data input pipelines: the endless training stream and one pass over the evaluation split.
 
-The training loop calls create_train_iterator / create_eval_iterator and gets numpy batches.
+The training loop calls create_train_iterator / create_eval_iterator and gets numpy batches
+of uint8 pixels with the random choices the device still applies (`alexnet_jax.normalize`
+turns them into the network's input inside the step, with `pixel_statistics`' constants).
 Nothing here imports JAX (data flows one way), and TensorFlow is kept off the GPUs.
 
 Determinism and resuming: an epoch is num_train_examples // batch_size global batches (the
@@ -8,8 +10,15 @@ remainder is dropped). Epoch e reads the training split in an order seeded by (s
 augments the example at position i of the epoch with stateless random ops seeded by
 (seed, e, i). Global step k's batch thus depends on (seed, k) alone, and a run restarted with
 start_step=k yields exactly what an uninterrupted run yields from step k on; the steps before
-are skipped as handles (paths, arrays, undecoded records), never as decoded images. Each
-process keeps its own slice of every global batch.
+are skipped as handles (paths, arrays, undecoded records), never as decoded images.
+
+Several processes: process p of P makes the slice [p b, (p + 1) b) of every global batch
+(b = batch_size / P). Where handles are paths or pixels in memory (folders, digits), every
+process lists the whole epoch and keeps its slots, so the global batch does not depend on P.
+Where handles are records that carry the images (TFDS, prepared shards), process p reads only
+its share of the split (`data_sources.process_range`) and shuffles that with the epoch's seed:
+one process sees what it always did, and P processes' batches depend on (seed, k, P).
+Evaluation always reads per-process shares (the totals do not depend on the order).
 
 Undecodable files: each is logged by name and counted in the iterator's `num_skipped`
 (config.on_bad_image='skip'), or raises ValueError naming it ('raise'). A skipped training
@@ -109,7 +118,7 @@ class BatchIterator:
                        'corrupt?')
     bad = np.flatnonzero(~ok)
     source = good[np.arange(len(bad)) % len(good)]
-    for name in ('image', 'label'):
+    for name in batch:  # The pixels, the label and the example's random choices.
       batch[name] = batch[name].copy()  # tf.data's arrays are read-only.
       batch[name][bad] = batch[name][source]
 
@@ -125,15 +134,18 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
     process_count: the number of processes (default 1).
 
   Returns:
-    An iterator of {'image': float32 [b, S, S, ch], 'label': int32 [b]} with
-    b = config.batch_size // process_count, S = config.image_size and
-    ch = config.input_channels; its num_skipped counts
-    the undecodable files met.
+    An iterator of {'image': uint8 [b, S, S, ch], 'label': int32 [b]} plus the random
+    choices `preprocessing.train_image` leaves to the device ('lighting' float32 [b, 3] when
+    config.pca_lighting_std; 'offset' int32 [b, 2] and 'flip' bool [b] for a mean image),
+    with b = config.batch_size // process_count, S = config.image_size and
+    ch = config.input_channels; its num_skipped counts the undecodable files met.
   """
   index, count = _process(process_index, process_count)
   batch_size = _local_batch_size(config.batch_size, count, 'batch_size')
   if config.dataset == 'fake':
     batch = _fake_batch(config, batch_size)
+    if config.pca_lighting_std:  # No shift, but the step compiles as it does for real data.
+      batch['lighting'] = np.zeros((batch_size, 3), np.float32)
     return BatchIterator(dict(batch) for _ in itertools.count())
   source = data_sources.get_source(config)
   options = preprocessing_options(config, source.encoded)
@@ -146,7 +158,7 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
   def batches_from(step: int, careful: bool) -> Iterator[Batch]:
     first_epoch, first_step = divmod(step, steps_per_epoch)
     for epoch in itertools.count(first_epoch):
-      skip = first_step * config.batch_size if epoch == first_epoch else 0
+      skip = first_step * batch_size if epoch == first_epoch else 0
       ds = _train_epoch(config, source, options, epoch, skip, steps_per_epoch, index, count,
                         careful)
       yield from ds.as_numpy_iterator()
@@ -187,22 +199,31 @@ def _fall_back_to_careful(batches_from: Callable[[int, bool], Iterator[Batch]], 
 def _train_epoch(config, source: data_sources.Source, options: preprocessing.Options,
                  epoch: int, skip: int, steps: int, index: int, count: int,
                  careful: bool) -> tf.data.Dataset:
-  """One epoch's batches of this process, from global example `skip` of the epoch on."""
-  ds = source.handles(config.train_split, shuffle_seed=(config.seed, epoch))
-  ds = ds.take(steps * config.batch_size).enumerate().skip(skip)
-  ds = _shard(ds, config.batch_size, index, count)
-  epoch_seed = tf.constant([config.seed, epoch], tf.int64)
+  """One epoch's batches of this process, from its example `skip` of the epoch on."""
+  seed_pair = (config.seed, epoch)
+  batch_size = config.batch_size // count
+  if source.streamed:
+    ds = source.handles(config.train_split, seed_pair, index, count)
+    # Each share holds at least steps * batch_size examples (floor(n / P) >= floor(n / B) b).
+    ds = ds.take(steps * batch_size).enumerate().skip(skip)
+    # Local position i -> its slot in the epoch's global batches, which seeds the example.
+    ds = ds.map(lambda i, handle: (
+        i // batch_size * config.batch_size + index * batch_size + i % batch_size, handle))
+  else:
+    ds = source.handles(config.train_split, seed_pair)
+    ds = ds.take(steps * config.batch_size).enumerate().skip(skip * count)
+    ds = ds.filter(lambda position, _: position % config.batch_size // batch_size == index)
+  epoch_seed = tf.constant(seed_pair, tf.int64)
 
   def image(position, handle):
     seed = tf.random.experimental.stateless_fold_in(epoch_seed, position)
     return preprocessing.train_image(source.load(handle), seed, options)
 
   if careful:
-    size = config.image_size
-    ds = _decode_carefully(ds, image, [size, size, config.input_channels], config)
+    ds = _decode_carefully(ds, image, config)
   else:
     ds = _decode(ds, image, config)
-  return _finish(ds.batch(config.batch_size // count, drop_remainder=True), config)
+  return _finish(ds.batch(batch_size, drop_remainder=True), config)
 
 
 def create_eval_iterator(config, crops: Optional[int] = None,
@@ -218,11 +239,14 @@ def create_eval_iterator(config, crops: Optional[int] = None,
     process_count: the number of processes (default 1).
 
   Returns:
-    An iterator of {'image': float32 [b, S, S, ch] ([b, C, S, S, ch] for C = eval_crops(...)
+    An iterator of {'image': uint8 [b, S, S, ch] ([b, C, S, S, ch] for C = eval_crops(...)
     crops; ch = config.input_channels),
-    'label': int32 [b], 'mask': bool [b]}, b = config.eval_batch_size // process_count. The
-    last global batch is padded (mask False); every process yields the same number of
-    batches, at most config.steps_per_eval when that is positive.
+    'label': int32 [b], 'mask': bool [b]} (plus, for a mean image, 'offset' int32 [b, 2]
+    ([b, C, 2]) and 'flip' bool [b] ([b, C]): see `preprocessing.eval_image`),
+    b = config.eval_batch_size // process_count, of this process's share of the split
+    (`data_sources.process_range`), padded after its end (mask False); every process yields
+    ceil(num_examples / eval_batch_size) batches (the shares differ by at most one example),
+    at most config.steps_per_eval when that is positive.
   """
   index, count = _process(process_index, process_count)
   batch_size = _local_batch_size(config.eval_batch_size, count, 'eval_batch_size')
@@ -230,9 +254,10 @@ def create_eval_iterator(config, crops: Optional[int] = None,
   if config.dataset == 'fake':
     batch = _fake_batch(config, batch_size, crops)
     num_batches = _num_eval_batches(FAKE_NUM_EVAL_EXAMPLES, config)
+    start, stop = data_sources.process_range(FAKE_NUM_EVAL_EXAMPLES, index, count)
     return BatchIterator(
-        {**batch, 'mask': _positions(k, config.eval_batch_size, index, batch_size)
-                          < FAKE_NUM_EVAL_EXAMPLES} for k in range(num_batches))
+        {**batch, 'mask': np.arange(k * batch_size, (k + 1) * batch_size) < stop - start}
+        for k in range(num_batches))
   if config.cache:
     key = (config.to_json(), crops, index, count)
     if key not in _EVAL_DATASETS:
@@ -262,27 +287,28 @@ _EVAL_DATASETS: dict[tuple, tf.data.Dataset] = {}
 
 
 def _eval_dataset(config, crops: int, index: int, count: int) -> tf.data.Dataset:
-  """This process's evaluation batches; the last global batch padded with copies of the first
-  example, masked."""
+  """This process's evaluation batches of its share, padded with masked copies of the
+  share's first example."""
   source = data_sources.get_source(config)
   options = preprocessing_options(config, source.encoded)
   num_examples = source.num_examples(config.eval_split)
-  if not num_examples:
-    raise ValueError(f'The {config.eval_split!r} split is empty.')
-  padding = source.handles(config.eval_split).take(1).repeat()
-  ds = source.handles(config.eval_split).concatenate(padding)
-  ds = ds.take(_num_eval_batches(num_examples, config) * config.eval_batch_size).enumerate()
-  ds = _shard(ds, config.eval_batch_size, index, count)
-  ds = ds.map(lambda position, handle: (position, {**handle, 'mask': position < num_examples}))
-  size = config.image_size
-  shape = [size, size, config.input_channels]
-  shape = [crops] + shape if crops > 1 else shape
+  start, stop = data_sources.process_range(num_examples, index, count)
+  if start == stop:
+    raise ValueError(f'The {config.eval_split!r} split has {num_examples} examples, fewer than '
+                     f'the {count} processes that share it.' if num_examples else
+                     f'The {config.eval_split!r} split is empty.')
+  handles = source.handles(config.eval_split, process_index=index, process_count=count)
+  batch_size = config.eval_batch_size // count
+  # ceil(ceil(n / P) / b) == ceil(n / B): the largest share fills as many batches as all do.
+  ds = handles.concatenate(handles.take(1).repeat())
+  ds = ds.take(_num_eval_batches(num_examples, config) * batch_size).enumerate()
+  ds = ds.map(lambda position, handle: (position, {**handle, 'mask': position < stop - start}))
   ds = _decode_carefully(
       ds, lambda _, handle: preprocessing.eval_image(source.load(handle), options, crops),
-      shape, config)
+      config)
   if config.cache:
     ds = ds.cache()
-  return _finish(ds.batch(config.eval_batch_size // count), config)
+  return _finish(ds.batch(batch_size), config)
 
 
 def _num_eval_batches(num_examples: int, config) -> int:
@@ -302,6 +328,7 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
     ValueError: a bad setting (see `config_checks.validate_data`), or a missing mean image.
   """
   config_checks.validate_data(config)
+  mean, _ = pixel_statistics(config)  # Checks the mean image here, before any step runs.
   return preprocessing.Options(
       image_size=config.image_size,
       resize_size=config.resize_size,
@@ -311,8 +338,17 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
       center_crop_train=config.center_crop_train,
       random_flip=config.random_flip,
       pca_lighting_std=config.pca_lighting_std,
-      mean=_mean(config),
-      std=_std(config))
+      keep_window=mean is not None and mean.ndim == 3)
+
+
+def pixel_statistics(config) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+  """The constants the device normalises pixels with (`normalize.Normalization`): the mean
+  (see _mean) and the std (see _std).
+
+  Raises:
+    ValueError: mean_subtraction='pixel' without a usable mean image.
+  """
+  return _mean(config), _std(config)
 
 
 def _std(config) -> Optional[np.ndarray]:
@@ -364,47 +400,37 @@ def _local_batch_size(global_batch_size: int, count: int, name: str) -> int:
   return global_batch_size // count
 
 
-def _positions(step: int, global_batch_size: int, index: int, batch_size: int) -> np.ndarray:
-  """Positions in the split of this process's examples of a global batch."""
-  return step * global_batch_size + index * batch_size + np.arange(batch_size)
-
-
-def _shard(ds: tf.data.Dataset, global_batch_size: int, index: int,
-           count: int) -> tf.data.Dataset:
-  """Keeps this process's slice of every global batch of (position, handle) pairs."""
-  if count == 1:
-    return ds
-  batch_size = global_batch_size // count
-  return ds.filter(lambda position, _: position % global_batch_size // batch_size == index)
-
-
 def _parallelism(config) -> int:
   return config.num_parallel_calls if config.num_parallel_calls > 0 else tf.data.AUTOTUNE
 
 
 def _decode(ds: tf.data.Dataset, image_fn: Callable, config) -> tf.data.Dataset:
-  """Maps (position, handle) to {'image', 'label'}; a bad file fails the batch it is in."""
-  return ds.map(lambda position, handle: {'image': image_fn(position, handle),
+  """Maps (position, handle) to {**image_fn's dict, 'label'}; a bad file fails the batch it is
+  in."""
+  return ds.map(lambda position, handle: {**image_fn(position, handle),
                                           'label': handle['label']},
                 num_parallel_calls=_parallelism(config), deterministic=config.deterministic)
 
 
-def _decode_carefully(ds: tf.data.Dataset, image_fn: Callable, shape: list[int],
-                      config) -> tf.data.Dataset:
-  """Maps (position, handle) to {'image', 'label', 'key', 'ok'} (+ 'mask' if the handle has it).
+def _decode_carefully(ds: tf.data.Dataset, image_fn: Callable, config) -> tf.data.Dataset:
+  """Maps (position, handle) to {**image_fn's dict, 'label', 'key', 'ok'} (+ 'mask' if the
+  handle has it).
 
   tf.data cannot catch an op's error in a map, so each example is decoded in a one-element
-  dataset whose errors are dropped; a zero image with ok=False stands in for a dropped one.
+  dataset whose errors are dropped; zeros with ok=False stand in for a dropped one.
   Every example keeps its place in the stream, so batches never depend on which files are bad.
   The nested datasets cost about 11% of a core's throughput next to _decode's plain map.
   """
   def example(position, handle):
     passed = {name: handle[name] for name in ('label', 'key', 'mask') if name in handle}
     decoded = tf.data.Dataset.from_tensors((position, handle)).map(
-        lambda p, h: {'image': image_fn(p, h), 'ok': True, **passed}).ignore_errors()
-    # Lazy: the zero image is made only for an example that failed.
-    failed = tf.data.Dataset.range(1).map(
-        lambda _: {'image': tf.zeros(shape), 'ok': False, **passed})
+        lambda p, h: {**image_fn(p, h), 'ok': True, **passed}).ignore_errors()
+    made = {name: spec for name, spec in decoded.element_spec.items()
+            if name not in passed and name != 'ok'}
+    # Lazy: the zeros are made only for an example that failed.
+    failed = tf.data.Dataset.range(1).map(lambda _: {
+        **{name: tf.zeros(spec.shape, spec.dtype) for name, spec in made.items()},
+        'ok': False, **passed})
     return decoded.concatenate(failed).take(1)
 
   parallel = _parallelism(config)
@@ -422,9 +448,14 @@ def _finish(ds: tf.data.Dataset, config) -> tf.data.Dataset:
 
 
 def _fake_batch(config, batch_size: int, crops: int = 1) -> Batch:
-  """Random pixels on the mean-subtracted 0-255 scale and random labels, fixed by the seed."""
+  """Random uint8 pixels and random labels, fixed by the seed."""
   rng = np.random.default_rng(config.seed)
   size = config.image_size
-  shape = [batch_size] + ([crops] if crops > 1 else []) + [size, size, config.input_channels]
-  return {'image': rng.uniform(-128, 128, shape).astype(np.float32),
-          'label': rng.integers(0, config.num_classes, batch_size, dtype=np.int32)}
+  lead = [batch_size] + ([crops] if crops > 1 else [])
+  batch = {'image': rng.integers(0, 256, lead + [size, size, config.input_channels],
+                                 dtype=np.uint8),
+           'label': rng.integers(0, config.num_classes, batch_size, dtype=np.int32)}
+  if config.mean_subtraction == 'pixel':  # The mean image's central window, unmirrored.
+    batch['offset'] = np.full(lead + [2], (config.resize_size - size) // 2, np.int32)
+    batch['flip'] = np.zeros(lead, bool)
+  return batch

@@ -35,9 +35,7 @@ def compute_mean_image(config: ml_collections.ConfigDict, max_images: int = 0) -
   config = config.copy_and_resolve_references()
   config.eval_split = config.train_split
   config.image_size = config.resize_size  # The centre crop of the canvas is the canvas.
-  config.mean_subtraction = 'none'
-  # On the 0-255 scale: preprocessing subtracts the mean before any division.
-  config.divide_by_std = config.divide_by_255 = False
+  config.mean_subtraction = 'none'  # Not there yet: no mean image to check.
   config.cache = False
   config.steps_per_eval = -(-max_images // config.eval_batch_size) if max_images else -1
   total = np.zeros((config.resize_size, config.resize_size, config.input_channels), np.float64)

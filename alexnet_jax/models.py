@@ -40,6 +40,17 @@ VARIANTS = ('paper', 'torchvision', 'd2l')
 INIT_SCHEMES = ('paper', 'caffe', 'he', 'xavier')
 
 _POOL_WINDOW, _POOL_STRIDE = 3, 2  # Overlapping pooling, section 3.4.
+
+
+def _xla_max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:
+  return nn.max_pool(x, (window, window), (stride, stride), 'VALID')
+
+
+# `AlexNet.ops` -> (conv_general_dilated for nn.Conv, max_pool(x, window, stride)).
+_OPS = {'xla': (jax.lax.conv_general_dilated, _xla_max_pool),
+        'cpu': (fast_ops.conv_general_dilated, fast_ops.max_pool),
+        'partitionable': (fast_ops.partitionable_conv_general_dilated, _xla_max_pool)}
+OPS = tuple(_OPS)
 _TORCHVISION_POOL_SIZE = 6  # torchvision's AdaptiveAvgPool2d((6, 6)).
 _FC_WIDTH = 4096
 # The layers the paper starts with bias 1 ("accelerates the early stages of learning").
@@ -291,6 +302,12 @@ class AlexNet(nn.Module):
     conv1_padding: conv1's padding in pixels; None: the variant's own (2, 1 for 'd2l'). 0 at
       227 px is Caffe's geometry.
     input_channels: channels C of the images (3: RGB, 1: grey); conv1's kernel sees C.
+    ops: the convolution and max-pool programs, the same numbers to float rounding (`OPS`):
+      'xla' XLA's own (`lax.conv_general_dilated`, `nn.max_pool`: the network as written);
+      'cpu' `fast_ops`' forms for XLA:CPU (split groups, matrix-product weight gradients,
+      routed max-pool gradient); 'partitionable' grouped convolutions that split over
+      devices by group (`fast_ops.partitionable_conv_general_dilated`, for
+      `config.parallelism='model'`), slower on one device.
   """
   num_classes: int = 1000
   variant: str = 'paper'
@@ -305,6 +322,7 @@ class AlexNet(nn.Module):
   lrn_beta: float = 0.75
   conv1_padding: int | None = None
   input_channels: int = 3
+  ops: str = 'xla'
 
   def __post_init__(self):
     _stages(self.variant, self.conv1_padding)  # Checks both.
@@ -312,6 +330,8 @@ class AlexNet(nn.Module):
       raise ValueError(f'Unknown init_scheme {self.init_scheme!r}; choose one of {INIT_SCHEMES}.')
     if not 0.0 <= self.dropout_rate < 1.0:
       raise ValueError(f'dropout_rate must be in [0, 1), got {self.dropout_rate!r}.')
+    if self.ops not in OPS:
+      raise ValueError(f'Unknown ops {self.ops!r}; choose one of {OPS}.')
     if not isinstance(self.input_channels, int) or self.input_channels < 1:
       raise ValueError(f'input_channels must be a positive int, got {self.input_channels!r}.')
     super().__post_init__()
@@ -332,6 +352,7 @@ class AlexNet(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
     dropout = functools.partial(nn.Dropout, self.dropout_rate, deterministic=not train)
     dropout_before_fc = self.variant == 'torchvision'
+    conv_general_dilated, max_pool = _OPS[self.ops]
 
     x = images
     for stage in _stages(self.variant, self.conv1_padding):
@@ -340,14 +361,14 @@ class AlexNet(nn.Module):
                   padding=[(stage.padding, stage.padding)] * 2,
                   feature_group_count=stage.groups, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=stage.name,
-                  conv_general_dilated=fast_ops.conv_general_dilated,
+                  conv_general_dilated=conv_general_dilated,
                   **_initializers(self.init_scheme, stage.name, fan_in))(x)
       x = nn.relu(x)
       if stage.lrn:
         x = lrn.LocalResponseNorm(depth_radius=self.lrn_depth_radius, bias=self.lrn_bias,
                                   alpha=self.lrn_alpha, beta=self.lrn_beta)(x)
       if stage.pool:
-        x = fast_ops.max_pool(x, _POOL_WINDOW, _POOL_STRIDE)
+        x = max_pool(x, _POOL_WINDOW, _POOL_STRIDE)
     if self.variant == 'torchvision':
       x = adaptive_avg_pool(x, (_TORCHVISION_POOL_SIZE,) * 2)
     x = x.reshape((x.shape[0], -1))  # (h, w, c) order; convert.py permutes torch's fc6.

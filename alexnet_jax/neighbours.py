@@ -34,6 +34,7 @@ from alexnet_jax import data_sources
 from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
+from alexnet_jax import normalize
 from alexnet_jax import parallel
 from alexnet_jax import plots
 from alexnet_jax import predict
@@ -51,8 +52,9 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
   """The examples of `split` at `positions` (indices in its canonical order), in that order.
 
   Returns:
-    One dict per position: 'image' (float32 [S, S, C], the evaluation's centre crop), 'shown'
-    (the same crop on the 0-255 scale), 'label' (int) and 'key' (bytes: file or id).
+    One dict per position: 'input' (the evaluation's centre crop, `preprocessing.eval_image`'s
+    dict: 'image' uint8 [S, S, C], 0-255, as shown, ...), 'label' (int) and 'key' (bytes: file
+    or id).
   Raises:
     ValueError: a position outside the split, or a file that does not decode.
   """
@@ -61,13 +63,11 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
   if bad:
     raise ValueError(f'The {split!r} split has {count} examples: no index {bad[0]}.')
   wanted = tf.constant(np.unique(positions), tf.int64)
-  shown = predict.display_options(options)
   ds = source.handles(split).enumerate().filter(
       lambda i, _: tf.reduce_any(tf.equal(i, wanted)))
   ds = ds.map(lambda i, handle: {
       'position': i, 'key': handle['key'], 'label': handle['label'],
-      'image': preprocessing.eval_image(source.load(handle), options),
-      'shown': preprocessing.eval_image(source.load(handle), shown)})
+      'input': preprocessing.eval_image(source.load(handle), options)})
   try:
     found = {int(example['position']): example for example in ds.as_numpy_iterator()}
   except tf.errors.OpError as e:
@@ -76,8 +76,7 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
 
 
 class _Query(NamedTuple):
-  image: np.ndarray  # The model's input, [S, S, C].
-  shown: np.ndarray  # The same on the 0-255 scale, [S, S, C].
+  input: dict[str, np.ndarray]  # The model's input before `normalize`: 'image' [S, S, C], ...
   title: str  # In the picture.
   header: str  # In the printout.
 
@@ -94,9 +93,7 @@ def _queries(paths: list[str], eval_index: np.ndarray, config: ml_collections.Co
   file_options = dataclasses.replace(options, encoded=True)  # Files, whatever the dataset.
   for path in predict.image_files(paths):
     try:
-      queries.append(_Query(predict.load_image(path, file_options),
-                            predict.load_image(path, predict.display_options(file_options)),
-                            path.name, str(path)))
+      queries.append(_Query(predict.load_image(path, file_options), path.name, str(path)))
     except ValueError as e:
       raise ValueError(f'{path}: cannot read the query: {e}') from e
   if paths and not queries:
@@ -104,8 +101,7 @@ def _queries(paths: list[str], eval_index: np.ndarray, config: ml_collections.Co
   split = config.eval_split
   for position, example in zip(eval_index, split_examples(source, split, eval_index, options)):
     name = names[example['label']]
-    queries.append(_Query(example['image'], example['shown'],
-                          f'{split} #{position}\n{plots.short_name(name)}',
+    queries.append(_Query(example['input'], f'{split} #{position}\n{plots.short_name(name)}',
                           f'{split} #{position} ({name}, {example["key"].decode()})'))
   return queries
 
@@ -133,8 +129,9 @@ def main(argv):
     weights = pathlib.Path(init_from).stem if init_from else f'step{int(state.step)}'
     bank = features.split_features(config, state, workdir, config.train_split, weights)
     devices = parallel.select_devices(config.num_devices)
-    query_features = features.image_features(state, np.stack([q.image for q in queries]),
-                                             devices)
+    query_features = features.image_features(
+        state, {name: np.stack([q.input[name] for q in queries]) for name in queries[0].input},
+        devices, normalize.for_config(config))
     start = time.time()
     distances, rows = features.nearest(bank.features, query_features, _K.value, devices)
     seconds = time.time() - start
@@ -149,11 +146,11 @@ def main(argv):
     for rank, (distance, example) in enumerate(zip(row_d, row_found), start=1):
       print(f'  {rank:2d}. {distance:10.3f}  {names[example["label"]]}  '
             f'{example["key"].decode()}')
-    neighbours.append([example['shown'] for example in row_found])
+    neighbours.append([example['input']['image'] for example in row_found])
     titles.append([f'{plots.short_name(names[example["label"]])}\n{distance:.1f}'
                    for distance, example in zip(row_d, row_found)])
   out = pathlib.Path(_OUT.value or workdir / 'neighbours.png')
-  plots.plot_neighbours([q.shown for q in queries], [q.title for q in queries], neighbours,
+  plots.plot_neighbours([q.input['image'] for q in queries], [q.title for q in queries], neighbours,
                         titles, out)
   print(f'Wrote {out}')
 

@@ -4,12 +4,16 @@ The training step is data-parallel: every device holds the train state and a sli
 global batch, and the gradients are averaged with `lax.pmean` over the axis `AXIS_NAME`. Two
 ways run it (`config.parallelism`, see `create`): `jax.pmap` (a replica per device, host
 batches reshaped to [devices, ...]) and `jax.jit` over a `Mesh` (global arrays with a
-`NamedSharding`, host batches joined by `jax.make_array_from_process_local_data`). The model,
-the steps and the loop see only a `DataParallel`, so they do not change with the choice.
+`NamedSharding`, host batches joined by `jax.make_array_from_process_local_data`). A third,
+'model', adds the paper's model parallelism on a second mesh axis `MODEL_AXIS`: each device
+holds 1/N of every layer's kernels (docs/parallelism.md). The model, the steps and the loop
+see only a `DataParallel`, so they do not change with the choice (the model only picks its
+convolutions' form, `models.AlexNet.ops`).
 """
 
 import collections
 from collections.abc import Callable, Iterator, Sequence
+import functools
 import itertools
 from typing import Any
 
@@ -20,6 +24,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 
 AXIS_NAME = 'batch'
+# The mesh axis of `config.parallelism='model'` that splits every layer by output features.
+MODEL_AXIS = 'model'
 
 
 def select_devices(num_devices: int = 0) -> list[jax.Device]:
@@ -71,8 +77,21 @@ def _all_processes(local_devices: Sequence[jax.Device]) -> list[jax.Device]:
 
 
 def mean_over_devices(tree: Any) -> Any:
-  """Mean over the device axis; called inside a pmapped function."""
-  return lax.pmean(tree, axis_name=AXIS_NAME)
+  """Mean over the device axis; called inside a pmapped function.
+
+  Under 'model', the layers' leaves (the gradients) are first pinned to their parameters'
+  split (`_ModelParallel`): left to itself, XLA's partitioner computed fc8's kernel gradient
+  split along its inputs and moved half of it between devices (an all-to-all) to match.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if MODEL_AXIS not in mesh.axis_names:
+    return lax.pmean(tree, axis_name=AXIS_NAME)
+  tree = jax.tree_util.tree_map_with_path(
+      lambda path, leaf: lax.with_sharding_constraint(leaf, _model_split(path, leaf.shape)),
+      tree)
+  # A mean over one device is the identity, and after the constraint XLA rejects it (jax
+  # 0.10.2: "Cross-partition allreduce must be in (partial) manual partitioning mode").
+  return tree if mesh.shape[AXIS_NAME] == 1 else lax.pmean(tree, axis_name=AXIS_NAME)
 
 
 def sum_over_devices(tree: Any) -> Any:
@@ -138,8 +157,8 @@ def prefetch_to_device(batches: Iterator[dict[str, np.ndarray]], size: int,
   return flax.jax_utils.prefetch_to_device(sharded, size, devices)
 
 
-# ------------------------------------------------------------------- the two data-parallel ways
-PARALLELISMS = ('pmap', 'mesh')
+# --------------------------------------- the two data-parallel ways, and model parallelism
+PARALLELISMS = ('pmap', 'mesh', 'model')
 
 
 class DataParallel:
@@ -158,11 +177,13 @@ class DataParallel:
     raise NotImplementedError
 
   def put_state(self, tree: Any) -> Any:
-    """A host pytree (the same on every process) onto the devices, replicated."""
+    """A host pytree (the same on every process) onto the devices: replicated over the
+    data-parallel axis (and, under 'model', its layers' parameters split over `MODEL_AXIS`)."""
     raise NotImplementedError
 
   def get(self, tree: Any) -> Any:
-    """Host numpy copies of a replicated pytree on the devices (state, metrics)."""
+    """Host numpy copies of a pytree that `put_state` or the step put on the devices (state,
+    metrics): the whole arrays, whatever their sharding."""
     raise NotImplementedError
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> Any:
@@ -211,27 +232,41 @@ class _Mesh(DataParallel):
 
   The step runs under `jax.shard_map` over that axis, so each device computes what it does
   under pmap and the same collectives average the gradients.
+
+  Args:
+    devices: this process's devices.
+    mesh_shape, axis_names: how all processes' devices (in process order) form the mesh.
   """
 
-  def __init__(self, devices):
+  def __init__(self, devices, mesh_shape: tuple[int, ...] = (-1,),
+               axis_names: tuple[str, ...] = (AXIS_NAME,)):
     super().__init__(devices)
-    self.mesh = jax.sharding.Mesh(np.array(_all_processes(devices)), (AXIS_NAME,))
+    self.mesh = jax.sharding.Mesh(np.array(_all_processes(devices)).reshape(mesh_shape),
+                                  axis_names)
     self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     self._split = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(AXIS_NAME))
 
   def map(self, fn, donate_state=False):
     spec = jax.sharding.PartitionSpec
     # Outputs are replicated by the step's own pmean/psum; check_vma cannot see that through
-    # the custom_vjp convolutions, so it is off.
+    # the custom_vjp convolutions, so it is off. Manual over the batch axis only: any other
+    # axis (`MODEL_AXIS`) is left to XLA's partitioner.
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(spec(), spec(AXIS_NAME)),
-                           out_specs=spec(), check_vma=False)
+                           out_specs=spec(), axis_names={AXIS_NAME}, check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())
 
   def put_state(self, tree):
-    def put(leaf):
+    def put(path, leaf):
       leaf = np.asarray(leaf)
-      return jax.make_array_from_callback(leaf.shape, self._replicated, lambda index: leaf[index])
-    return jax.tree.map(put, tree)
+      return jax.make_array_from_callback(leaf.shape, self._state_sharding(path, leaf.shape),
+                                          lambda index: leaf[index])
+    return jax.tree_util.tree_map_with_path(put, tree)
+
+  def _state_sharding(self, path: tuple[Any, ...], shape: tuple[int, ...]
+                      ) -> jax.sharding.NamedSharding:
+    """The sharding of the state leaf at `path` (a key path) of `shape`: replicated."""
+    del path, shape
+    return self._replicated
 
   def get(self, tree):
     # A copy (see `unreplicate`): the buffer is donated to the next step.
@@ -242,9 +277,80 @@ class _Mesh(DataParallel):
         lambda x: jax.make_array_from_process_local_data(self._split, x), batch)
 
 
-def create(parallelism: str, devices: Sequence[jax.Device]) -> DataParallel:
-  """The `DataParallel` that `config.parallelism` names, over `devices` of every process."""
-  kinds = {'pmap': _Pmap, 'mesh': _Mesh}
+class _ModelParallel(_Mesh):
+  """The paper's model parallelism (section 3.2) beside data parallelism: `jax.jit` over a
+  `Mesh` of [devices / N, N] devices with axes (`AXIS_NAME`, `MODEL_AXIS`), N =
+  `config.model_parallel_size`.
+
+  Every kernel and bias, and the optimizer state that mirrors them, is split along its last
+  (output-feature) axis over `MODEL_AXIS`: each of the N devices of a mesh row holds 1/N of
+  every layer. Everything else in the state is replicated; the batch is split over
+  `AXIS_NAME` and replicated over `MODEL_AXIS`. The step runs under `jax.shard_map` manual over
+  `AXIS_NAME` only, so its collectives stay the data-parallel ones, and XLA's SPMD partitioner
+  splits each layer over `MODEL_AXIS` from the parameters' shardings: a device computes the
+  output features whose kernels it holds, and the activations move where a layer needs all of
+  its input (docs/parallelism.md).
+  """
+
+  def __init__(self, devices, model_parallel_size: int):
+    if model_parallel_size < 1 or len(devices) % model_parallel_size:
+      raise ValueError(
+          f'config.model_parallel_size={model_parallel_size} must be a positive divisor of '
+          f'the {len(devices)} devices of each host: each network is split over that many '
+          f"devices of one host (the 'model' axis), and the 'batch' axis is the rest. With one "
+          "device per host, use --config.parallelism=pmap or mesh.")
+    super().__init__(devices, (-1, model_parallel_size), (AXIS_NAME, MODEL_AXIS))
+
+  def _state_sharding(self, path, shape):
+    size = self.mesh.shape[MODEL_AXIS]
+    if _is_layer_parameter(path) and shape[-1] % size:
+      raise ValueError(
+          f'config.model_parallel_size={size} does not divide the {shape[-1]} output features '
+          f'of {jax.tree_util.keystr(path)}; choose a size that divides every layer width '
+          '(and num_classes).')
+    return jax.sharding.NamedSharding(self.mesh, _model_split(path, shape))
+
+  def get(self, tree):
+    def fetch(x):
+      # From this process's shards: with the 'model' axis inside each host, they hold every
+      # part of the array. A copy (see `unreplicate`).
+      parts = {_slices(shard.index): shard for shard in x.addressable_shards}
+      if set(map(_slices, x.sharding.devices_indices_map(x.shape).values())) - parts.keys():
+        raise ValueError(f'An array of shape {x.shape} ({x.sharding.spec}) has parts on other '
+                         'hosts only; the model axis must lie within each host.')
+      host = np.empty(x.shape, x.dtype)
+      for shard in parts.values():
+        host[shard.index] = np.asarray(shard.data)
+      return host
+    return jax.tree.map(fetch, tree)
+
+
+def _slices(index: tuple[slice, ...]) -> tuple[tuple[int | None, int | None], ...]:
+  """A shard's index as a hashable key (slices are not hashable before Python 3.12)."""
+  return tuple((part.start, part.stop) for part in index)
+
+
+def _is_layer_parameter(path: tuple[Any, ...]) -> bool:
+  """Whether a key path names a kernel or bias (of the params, or of a state mirroring them)."""
+  last = path[-1] if path else None
+  return isinstance(last, jax.tree_util.DictKey) and last.key in ('kernel', 'bias')
+
+
+def _model_split(path: tuple[Any, ...], shape: tuple[int, ...]) -> jax.sharding.PartitionSpec:
+  """A layer's kernel or bias split along its last (output-feature) axis; anything else whole."""
+  if not _is_layer_parameter(path):
+    return jax.sharding.PartitionSpec()
+  return jax.sharding.PartitionSpec(*[None] * (len(shape) - 1), MODEL_AXIS)
+
+
+def create(parallelism: str, devices: Sequence[jax.Device],
+           model_parallel_size: int = 2) -> DataParallel:
+  """The `DataParallel` that `config.parallelism` names, over `devices` of every process.
+
+  model_parallel_size: `config.model_parallel_size`, read by 'model' only (2: the paper's).
+  """
+  kinds = {'pmap': _Pmap, 'mesh': _Mesh,
+           'model': functools.partial(_ModelParallel, model_parallel_size=model_parallel_size)}
   if parallelism not in kinds:
     raise ValueError(f'config.parallelism={parallelism!r}; choose one of {PARALLELISMS}.')
   return kinds[parallelism](devices)

@@ -11,7 +11,6 @@ classified; the exit status is then 1. --picture=PNG also draws each image above
 its top 5 (the paper's Figure 4, left).
 """
 
-import dataclasses
 import functools
 import os
 import pathlib
@@ -37,6 +36,7 @@ from alexnet_jax import data_sources
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import labels
+from alexnet_jax import normalize
 from alexnet_jax import plots
 from alexnet_jax import preprocessing
 from alexnet_jax import train
@@ -57,8 +57,9 @@ def image_files(paths: list[str]) -> list[pathlib.Path]:
   return files
 
 
-def load_image(path: pathlib.Path, options: preprocessing.Options) -> np.ndarray:
-  """The evaluation's centre crop of an image file: float32 [S, S, 3].
+def load_image(path: pathlib.Path, options: preprocessing.Options) -> dict[str, np.ndarray]:
+  """The evaluation's centre crop of an image file: `preprocessing.eval_image`'s arrays,
+  'image' uint8 [S, S, C] (0-255, as shown) and what `normalize` needs of it.
 
   Raises:
     ValueError: the file cannot be read or is no image this pipeline decodes.
@@ -66,15 +67,11 @@ def load_image(path: pathlib.Path, options: preprocessing.Options) -> np.ndarray
   if not path.is_file():
     raise ValueError('no such file')
   try:
-    return preprocessing.eval_image(tf.io.read_file(str(path)), options).numpy()
+    return {name: value.numpy() for name, value in
+            preprocessing.eval_image(tf.io.read_file(str(path)), options).items()}
   except tf.errors.OpError as e:
     # TensorFlow wraps the reason in the failing op's name and device.
     raise ValueError(re.sub(r'\{\{.*?\}\}|\[Op:.*', '', e.message).strip()) from e
-
-
-def display_options(options: preprocessing.Options) -> preprocessing.Options:
-  """`options` without the mean and the scale: `load_image` then gives 0-255 pixels to show."""
-  return dataclasses.replace(options, mean=None, std=None)
 
 
 def class_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -95,33 +92,35 @@ def format_prediction(path: pathlib.Path, probs: np.ndarray, names: list[str]) -
   return '\n'.join([str(path)] + [f'  {probs[c]:7.2%}  {names[c]}' for c in top])
 
 
-def _probabilities(apply_fn: Callable[..., jax.Array], params: Any,
-                   images: jax.Array) -> jax.Array:
-  """Softmax of the model's logits: images [B, S, S, 3] -> [B, num_classes]."""
-  return jax.nn.softmax(apply_fn({'params': params}, images, train=False))
+def _probabilities(apply_fn: Callable[..., jax.Array], normalization: normalize.Normalization,
+                   params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """Softmax of the model's logits: a batch of B centre crops ('image' [B, S, S, C], ...) ->
+  [B, num_classes]."""
+  return jax.nn.softmax(apply_fn({'params': params}, normalization(batch), train=False))
 
 
 def classify(files: list[pathlib.Path], state: train.TrainState,
-             options: preprocessing.Options, names: list[str],
-             picture: pathlib.Path | None = None) -> int:
+             options: preprocessing.Options, normalization: normalize.Normalization,
+             names: list[str], picture: pathlib.Path | None = None) -> int:
   """Prints each file's prediction, or logs why it has none; returns how many have none.
 
   With `picture`, also draws the classified images with their top 5 there
   (`plots.plot_predictions`).
   """
-  probabilities = jax.jit(functools.partial(_probabilities, state.apply_fn))
+  probabilities = jax.jit(functools.partial(_probabilities, state.apply_fn, normalization))
   failed, shown = 0, []
   for path in files:
     try:
-      image = load_image(path, options)
+      example = load_image(path, options)
     except ValueError as e:
       logging.error('%s: cannot classify: %s', path, e)
       failed += 1
       continue
-    probs = np.asarray(probabilities(state.params, image[None]))[0]
+    batch = {name: value[None] for name, value in example.items()}
+    probs = np.asarray(probabilities(state.params, batch))[0]
     print(format_prediction(path, probs, names), flush=True)
     if picture:
-      shown.append((load_image(path, display_options(options)), path.name, probs))
+      shown.append((example['image'], path.name, probs))
   if picture and shown:
     images, titles, probs = zip(*shown)
     plots.plot_predictions(images, titles, np.stack(probs), names, picture, TOP_K)
@@ -144,7 +143,8 @@ def main(argv):
     if not files:
       raise ValueError(f'No images in {argv[1:]} ({", ".join(data_sources.IMAGE_EXTENSIONS)}).')
   picture = flags.FLAGS.picture and pathlib.Path(flags.FLAGS.picture)
-  if classify(files, state, options, class_names(config), picture):
+  if classify(files, state, options, normalize.for_config(config), class_names(config),
+              picture):
     raise SystemExit(1)
 
 

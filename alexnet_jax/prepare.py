@@ -13,13 +13,16 @@ then decodes a small JPEG whose canvas step is an identity resize.
 Output, in DIR:
   <split>-<k>-of-<K>.tfrecord  TFRecord shards of tf.train.Example {image/encoded: JPEG bytes,
                                image/class/label: int64, image/filename: the source's key}, the
-                               split's examples in the source's canonical order,
+                               split's examples in a fixed permutation (`ORDER_SEED`) of a
+                               listed source (a folder lists class by class), in TFDS's own
+                               (already mixed) order for a streamed one,
                                --examples_per_shard each (TFRecord: tf.data reads it natively;
                                ArrayRecord would add a dependency for random access we do not
                                need, as the pipeline reads shards in sequence).
   <split>-<k>-of-<K>.json      that shard's class counts and undecodable files.
   metadata.json                class names, counts per split and class, the files that did not
-                               decode, the source, the settings and the shard list.
+                               decode, the source, the settings and the shards with their
+                               record counts.
 
 Resuming: a shard is written under a temporary name and renamed when complete, so a rerun
 keeps every finished shard and redoes only the others. Several processes or hosts:
@@ -55,10 +58,14 @@ METADATA = data_sources.PREPARED_METADATA
 # (saturated reds lose their edges). docs/input_pipeline.md, "Prepared data".
 DEFAULT_QUALITY = 90
 CHROMA_DOWNSAMPLING = False
+# Training reads prepared shards in sequence through a shuffle buffer, and each host a run of
+# them of its own: records in a folder's class-by-class order would give batches (and hosts)
+# of a few classes. So a listed split is written in this seed's permutation.
+ORDER_SEED = (2012, 0)
 
 
 class Shard(NamedTuple):
-  """Examples [start, stop) of a split's canonical order, written to `name` (no extension)."""
+  """Examples [start, stop) of a split's written order, to `name` (no extension)."""
   split: str
   start: int
   stop: int
@@ -82,10 +89,11 @@ def shard_list(source: data_sources.Source, splits: list[str],
 
 
 def _settings(config: ml_collections.ConfigDict, quality: int, keep_aspect: bool,
-              examples_per_shard: int) -> dict[str, Any]:
+              examples_per_shard: int, order_seed: tuple[int, int] | None) -> dict[str, Any]:
   return {'size': config.resize_size, 'quality': quality, 'keep_aspect': keep_aspect,
           'channels': config.input_channels, 'chroma_downsampling': CHROMA_DOWNSAMPLING,
-          'examples_per_shard': examples_per_shard}
+          'examples_per_shard': examples_per_shard,
+          'order_seed': None if order_seed is None else list(order_seed)}
 
 
 def _write_atomically(path: str, write_fn):
@@ -110,15 +118,14 @@ def _read_json(path: str) -> Any:
 def _encoder(source: data_sources.Source, config: ml_collections.ConfigDict, quality: int,
              keep_aspect: bool):
   """A tf.function: a handle -> its canvas as JPEG bytes (scalar string)."""
-  # The training canvas, without the mean (see preprocessing.canvas).
+  # The training canvas, uint8 (see preprocessing.canvas).
   options = preprocessing.Options(image_size=config.resize_size,
                                   resize_size=config.resize_size, encoded=source.encoded,
                                   channels=config.input_channels)
 
   @tf.function
   def encode(handle):
-    image = preprocessing.canvas(source.load(handle), options, square=not keep_aspect)
-    pixels = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+    pixels = preprocessing.canvas(source.load(handle), options, square=not keep_aspect)
     return tf.io.encode_jpeg(pixels, quality=quality, chroma_downsampling=CHROMA_DOWNSAMPLING)
 
   return encode
@@ -202,13 +209,15 @@ def _write_metadata(config: ml_collections.ConfigDict, source: data_sources.Sour
     info = _read_json(os.path.join(output, shard.name + '.json'))
     split = splits.setdefault(shard.split, {
         'num_examples': 0, 'num_listed': 0, 'class_counts': [0] * len(source.class_names),
-        'num_failed': 0, 'failed': [], 'shards': []})
+        'num_failed': 0, 'failed': [], 'shards': [], 'shard_sizes': []})
     split['num_examples'] += sum(info['class_counts'])
     split['num_listed'] += shard.stop - shard.start
     split['class_counts'] = [a + b for a, b in zip(split['class_counts'], info['class_counts'])]
     split['failed'] += info['failed']
     split['num_failed'] += len(info['failed'])
     split['shards'].append(shard.name + '.tfrecord')
+    # Records in the shard: processes split the records by them (PreparedSource.files_read).
+    split['shard_sizes'].append(sum(info['class_counts']))
   for split in splits.values():
     split['class_counts'] = dict(zip(source.class_names, split['class_counts']))
   _write_json(os.path.join(output, METADATA), {
@@ -251,7 +260,8 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
   if config.dataset == 'prepared':
     raise ValueError('config.dataset is already prepared; prepare the original source.')
   source = data_sources.get_source(config)
-  settings = _settings(config, quality, keep_aspect, examples_per_shard)
+  order_seed = None if source.streamed else ORDER_SEED
+  settings = _settings(config, quality, keep_aspect, examples_per_shard, order_seed)
   shards = shard_list(source, list(dict.fromkeys([config.train_split, config.eval_split])),
                       examples_per_shard)
   tf.io.gfile.makedirs(output)
@@ -267,7 +277,7 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
       # One pass over the split, keeping the positions of these shards: a skip to each shard
       # would read a TFDS split's records again for every shard.
       wanted = tf.constant([shard.start // examples_per_shard for shard in todo], tf.int64)
-      handles = iter(source.handles(split).enumerate().filter(
+      handles = iter(source.handles(split, shuffle_seed=order_seed).enumerate().filter(
           lambda position, _: tf.reduce_any(position // examples_per_shard == wanted))
                      .map(lambda _, handle: handle))
       for shard in todo:

@@ -1,8 +1,12 @@
-"""Per-example image preprocessing in TensorFlow: decode, crop, resize, flip, lighting, mean.
+"""Per-example image preprocessing in TensorFlow: decode, crop, resize, flip; random choices.
 
-Functions of one example, no tf.data (input_pipeline maps them over datasets). Pixels stay on
-the 0-255 scale, as in the paper and Caffe. Random choices come from stateless ops seeded by
-the caller, so an example's augmentation is a function of its seed alone.
+Functions of one example, no tf.data (input_pipeline maps them over datasets). They make uint8
+pixels and every random choice (crop, flip, the PCA lighting shift), and nothing more: the
+float conversion, mean, lighting and scale run on the device inside the compiled step
+(`alexnet_jax.normalize`), so a batch crosses to the device at a quarter of float32's bytes
+and the host skips the float work (two thirds of a prepared image's host time). Random choices
+come from stateless ops seeded by the caller, so an example's augmentation is a function of
+its seed alone.
 
 The paper's recipe (facts doc): rescale the shorter side to 256, take the central 256x256,
 subtract the mean image; train on random 224 crops, their mirror images and PCA lighting noise;
@@ -15,7 +19,6 @@ import dataclasses
 import functools
 from typing import Callable, Optional
 
-import numpy as np
 import tensorflow as tf
 
 # ImageNet per-channel RGB mean on 0-255 pixels (the torchvision / Flax constants).
@@ -51,10 +54,9 @@ class Options:
       from the whole image with its shorter side resized to R.
     random_flip: mirror training images with probability 1/2.
     pca_lighting_std: standard deviation of the lighting coefficients; 0 turns it off.
-    mean: subtracted from the pixels: [C], or [R, R, C] (a mean image; needs the square
-      canvas); None subtracts nothing.
-    std: [C] or [1]; the result (lighting noise included) is divided by it, as torchvision
-      does ([1] = 255: d2l's [0, 1] pixels); None keeps the paper's 0-255 scale.
+    keep_window: also return where each crop lies on the canvas and whether it was mirrored
+      ('offset', 'flip'): the device subtracts a mean image's window of the canvas with them
+      (`normalize`; needs the square canvas of train_crop='paper').
   """
   image_size: int
   resize_size: int
@@ -64,8 +66,7 @@ class Options:
   center_crop_train: bool = True
   random_flip: bool = True
   pca_lighting_std: float = 0.1
-  mean: Optional[np.ndarray] = None
-  std: Optional[np.ndarray] = None
+  keep_window: bool = False
 
 
 def central_square(shape: tf.Tensor) -> tf.Tensor:
@@ -140,27 +141,34 @@ def decode_and_crop(data: tf.Tensor, window_fn: WindowFn, encoded: bool = True,
   return tf.cond(tf.io.is_jpeg(data), jpeg, other)
 
 
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Float pixels rounded to the nearest uint8, clipped to 0..255."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+
+
 def resize(image: tf.Tensor, size, window: Optional[tf.Tensor] = None) -> tf.Tensor:
-  """Bilinear resize to size (h, w), antialiased when shrinking as PIL does: float32.
+  """Bilinear resize of uint8 [h, w, C] to size (h', w'), antialiased when shrinking as PIL
+  does, rounded to uint8 (as alexnet_jax.prepare stores its canvases).
 
   With a window (y, x, h', w') of the resized image, only that window's pixels are computed:
   the values of resizing and then cropping (up to float rounding, < 0.01), for less work.
   An image already of that size (alexnet_jax.prepare's canvases) is only cropped: at scale 1
   the triangle filter's weights are 1 and 0, so the result is the same, bit for bit, without
-  the resample's 2 ms or so an image (a prepared 256x256 JPEG decodes in about 1 ms).
+  the resample's 2 ms or so an image (a prepared 256x256 JPEG decodes in about 1 ms), and
+  without any float work.
   """
   def resample():
     if window is None:
-      return tf.image.resize(image, size, method='bilinear', antialias=True)
+      return to_uint8(tf.image.resize(image, size, method='bilinear', antialias=True))
     # The op tf.image.resize runs, asked for a translated window.
     scale = tf.cast(size, tf.float32) / tf.cast(tf.shape(image)[:2], tf.float32)
-    return tf.raw_ops.ScaleAndTranslate(
+    return to_uint8(tf.raw_ops.ScaleAndTranslate(
         images=image[None], size=window[2:], scale=scale,
         translation=-tf.cast(window[:2], tf.float32), kernel_type='triangle',
-        antialias=True)[0]
+        antialias=True)[0])
 
   def crop():
-    return tf.cast(image if window is None else _crop(image, window), tf.float32)
+    return image if window is None else _crop(image, window)
 
   return tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), crop, resample)
 
@@ -182,7 +190,7 @@ def _decode_for_canvas(data: tf.Tensor, options: Options,
 
 
 def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
-  """The image the crops come from, mean subtracted.
+  """The image the crops come from.
 
   Args:
     data: see decode_and_crop.
@@ -190,40 +198,23 @@ def canvas(data: tf.Tensor, options: Options, square: bool = True) -> tf.Tensor:
     square: the central square resized to R x R; False: the whole image, shorter side R.
 
   Returns:
-    float32 [R, R, C] (square) or [R, >= R, C] / [>= R, R, C].
+    uint8 [R, R, C] (square) or [R, >= R, C] / [>= R, R, C].
   """
   image, size = _decode_for_canvas(data, options, square)
-  return subtract_mean(resize(image, size), options.mean)
+  return resize(image, size)
 
 
 def canvas_crop(data: tf.Tensor, options: Options, offset_fn: Callable[[tf.Tensor], tf.Tensor],
-                square: bool = True) -> tf.Tensor:
-  """The S x S crop of the canvas at offset_fn(canvas size (h, w)), mean subtracted; only the
-  crop is resized. float32 [S, S, C]."""
+                square: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
+  """The S x S crop of the canvas at offset_fn(canvas size (h, w)); only the crop is resized.
+
+  Returns:
+    uint8 [S, S, C], and its offset on the canvas, int32 [2] = (y, x).
+  """
   image, size = _decode_for_canvas(data, options, square)
   offset = offset_fn(size)
   crop = options.image_size
-  image = resize(image, size, window=tf.concat([offset, [crop, crop]], axis=0))
-  return subtract_mean(image, options.mean, offset)
-
-
-def subtract_mean(image: tf.Tensor, mean: Optional[np.ndarray],
-                  offset: tf.Tensor = (0, 0)) -> tf.Tensor:
-  """image [h, w, C] - mean: [C], or [R, R, C] whose window at `offset` is subtracted; the
-  identity for None."""
-  if mean is None:
-    return image
-  mean = tf.constant(mean, tf.float32)
-  if mean.shape.rank == 3:
-    mean = tf.slice(mean, [offset[0], offset[1], 0], tf.shape(image))
-  return image - mean
-
-
-def scale(image: tf.Tensor, std: Optional[np.ndarray]) -> tf.Tensor:
-  """image / std, broadcasting a [C] or [1] std over the channels; the identity for None."""
-  if std is None:
-    return image
-  return image / tf.constant(std, tf.float32)
+  return resize(image, size, window=tf.concat([offset, [crop, crop]], axis=0)), offset
 
 
 def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:
@@ -234,8 +225,8 @@ def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:
   return tf.linalg.matvec(tf.constant(PCA_EIGVEC, tf.float32), alpha * eigval)
 
 
-def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor:
-  """One augmented training image.
+def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> dict[str, tf.Tensor]:
+  """One augmented training image and the random choices the device still applies.
 
   Args:
     data: see decode_and_crop.
@@ -243,7 +234,9 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor
     options: see Options.
 
   Returns:
-    float32 [S, S, C].
+    {'image': uint8 [S, S, C] (cropped, mirrored)}, plus 'lighting': float32 [3], the colour
+    shift `pca_lighting` (when options.pca_lighting_std), and with options.keep_window
+    'offset': int32 [2], the crop's place on the canvas, and 'flip': bool [], mirrored.
   """
   size = options.image_size
   crop_seed, flip_seed, lighting_seed = tf.unstack(
@@ -252,25 +245,23 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> tf.Tensor
     window_fn = functools.partial(random_resized_window, seed=crop_seed)
     image = resize(decode_and_crop(data, window_fn, options.encoded, options.channels),
                    (size, size))
-    image = subtract_mean(image, options.mean)
+    offset = tf.zeros([2], tf.int32)  # Not a window of the canvas: keep_window refuses it.
   else:
     def random_offset(canvas_size):
       # Uniform over the offsets that keep the crop inside the canvas (as tf.image's crop).
       draw = tf.random.stateless_uniform([2], crop_seed, 0, tf.int32.max, tf.int32)
       return draw % (canvas_size - size + 1)
-    image = canvas_crop(data, options, random_offset, square=options.center_crop_train)
-  if options.random_flip:
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
+    image, offset = canvas_crop(data, options, random_offset,
+                                square=options.center_crop_train)
+  # The draw of tf.image.stateless_random_flip_left_right, kept for a mean image's window.
+  flip = (tf.random.stateless_uniform([], flip_seed) < 0.5) & options.random_flip
+  out = {'image': tf.ensure_shape(tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image),
+                                  [size, size, options.channels])}
   if options.pca_lighting_std:
-    image += pca_lighting(lighting_seed, options.pca_lighting_std)
-  return tf.ensure_shape(scale(image, options.std), [size, size, options.channels])
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central size x size crop of [h, w, c], at ((h - size) // 2, (w - size) // 2)."""
-  y = (tf.shape(image)[0] - size) // 2
-  x = (tf.shape(image)[1] - size) // 2
-  return image[y:y + size, x:x + size]
+    out['lighting'] = pca_lighting(lighting_seed, options.pca_lighting_std)
+  if options.keep_window:
+    out.update(offset=tf.ensure_shape(tf.cast(offset, tf.int32), [2]), flip=flip)
+  return out
 
 
 # The views `multi_crops` returns, by count, as reports name them.
@@ -281,23 +272,29 @@ CROP_NAMES = {
 }
 
 
-def multi_crops(image: tf.Tensor, size: int, crops: int) -> tf.Tensor:
-  """The test views of [h, w, 3]: [crops, size, size, 3], crops 5 or 10.
+def multi_crops(image: tf.Tensor, size: int,
+                crops: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+  """The test views of [h, w, C], crops 5 or 10.
 
   Order (torchvision's FiveCrop / TenCrop): top-left, top-right, bottom-left, bottom-right,
   centre, then for 10 (the paper's) the horizontal mirrors of those five in the same order.
+
+  Returns:
+    The views [crops, size, size, C], their offsets int32 [crops, 2] = (y, x) and whether
+    each is mirrored, bool [crops].
   """
   height, width = tf.shape(image)[0], tf.shape(image)[1]
-  corners = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size)]
-  views = [image[y:y + size, x:x + size] for y, x in corners]
-  views.append(center_crop(image, size))
-  views = tf.stack(views)
+  offsets = [(0, 0), (0, width - size), (height - size, 0), (height - size, width - size),
+             ((height - size) // 2, (width - size) // 2)]
+  views = tf.stack([image[y:y + size, x:x + size] for y, x in offsets])
+  offsets = tf.stack([tf.stack(offset) for offset in offsets])
   if crops == 5:
-    return views
-  return tf.concat([views, tf.reverse(views, axis=[2])], axis=0)
+    return views, offsets, tf.zeros([5], tf.bool)
+  return (tf.concat([views, tf.reverse(views, axis=[2])], axis=0),
+          tf.concat([offsets, offsets], axis=0), tf.range(10) >= 5)
 
 
-def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> tf.Tensor:
+def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> dict[str, tf.Tensor]:
   """A test image: crops of the square canvas.
 
   Args:
@@ -306,11 +303,17 @@ def eval_image(data: tf.Tensor, options: Options, crops: int = 1) -> tf.Tensor:
     crops: 1 (the centre), 5 or 10 (see multi_crops).
 
   Returns:
-    float32 [S, S, C], or [crops, S, S, C] for 5 or 10 crops.
+    {'image': uint8 [S, S, C], or [crops, S, S, C] for 5 or 10 crops}, plus with
+    options.keep_window 'offset': int32 [2] ([crops, 2]) and 'flip': bool [] ([crops]).
   """
   size = options.image_size
   if crops > 1:
-    return tf.ensure_shape(scale(multi_crops(canvas(data, options), size, crops), options.std),
-                           [crops, size, size, options.channels])
-  image = canvas_crop(data, options, lambda canvas_size: (canvas_size - size) // 2)
-  return tf.ensure_shape(scale(image, options.std), [size, size, options.channels])
+    image, offset, flip = multi_crops(canvas(data, options), size, crops)
+    shape = [crops, size, size, options.channels]
+  else:
+    image, offset = canvas_crop(data, options, lambda canvas_size: (canvas_size - size) // 2)
+    flip, shape = tf.constant(False), [size, size, options.channels]
+  out = {'image': tf.ensure_shape(image, shape)}
+  if options.keep_window:
+    out.update(offset=tf.ensure_shape(tf.cast(offset, tf.int32), shape[:-3] + [2]), flip=flip)
+  return out

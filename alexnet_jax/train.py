@@ -31,7 +31,9 @@ import optax
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
 from alexnet_jax import convert
+from alexnet_jax import host_memory
 from alexnet_jax import models
+from alexnet_jax import normalize
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import plots
@@ -57,7 +59,17 @@ def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
       num_classes=config.num_classes, variant=m.variant, dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(m.dtype), init_scheme=m.init, lrn_depth_radius=m.lrn_depth_radius,
       lrn_bias=m.lrn_bias, lrn_alpha=m.lrn_alpha, lrn_beta=m.lrn_beta,
-      conv1_padding=m.conv1_padding, input_channels=config.input_channels)
+      conv1_padding=m.conv1_padding, input_channels=config.input_channels, ops=model_ops(config))
+
+
+def model_ops(config: ml_collections.ConfigDict) -> str:
+  """`config.model.ops`, with 'auto' resolved: the split form under model parallelism, the
+  CPU forms on a CPU backend, XLA's own ops elsewhere (configs/imagenet.py)."""
+  if config.model.ops != 'auto':
+    return config.model.ops
+  if config.parallelism == 'model':
+    return 'partitionable'
+  return 'cpu' if jax.default_backend() == 'cpu' else 'xla'
 
 
 def create_train_state(config: ml_collections.ConfigDict, rng: jax.Array,
@@ -119,14 +131,18 @@ def topk_correct(scores: jax.Array, labels: jax.Array, k: int) -> jax.Array:
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                learning_rate_fn: Callable[[jax.Array], jax.Array],
-               label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
+               label_smoothing: float = 0.0,
+               normalization: normalize.Normalization = normalize.Normalization()
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on this device's slice of the global batch (run by `DataParallel.map`).
 
   Args:
     state: this device's replica of the train state.
-    batch: {'image': float32 [b, S, S, C], 'label': int32 [b]} (C = config.input_channels).
+    batch: {'image': uint8 [b, S, S, C], 'label': int32 [b]} and the example's random choices
+      (C = config.input_channels; see `input_pipeline.create_train_iterator`).
     learning_rate_fn: step -> base learning rate; the plateau scale multiplies it.
     label_smoothing: optional label smoothing of the targets.
+    normalization: turns the batch into the network's input (`normalize.for_config`).
   Returns:
     The new state and metrics averaged over all devices: loss, top1, top5, learning_rate,
     and finite (1.0 when loss and gradients were finite; otherwise the update was skipped).
@@ -135,7 +151,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
       jax.random.fold_in(state.dropout_rng, state.step), parallel.device_index())
 
   def loss_fn(params):
-    logits = state.apply_fn({'params': params}, batch['image'], train=True,
+    logits = state.apply_fn({'params': params}, normalization(batch), train=True,
                             rngs={'dropout': dropout_rng})
     return cross_entropy(logits, batch['label'], label_smoothing).mean(), logits
 
@@ -162,20 +178,24 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
   return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              normalization: normalize.Normalization = normalize.Normalization()
+              ) -> dict[str, jax.Array]:
   """Sums of eval metrics over the real (unmasked) examples of all devices.
 
   Args:
     state: this device's replica of the train state.
-    batch: {'image': [b, S, S, C] or [b, crops, S, S, C], 'label': int32 [b], 'mask': bool [b]};
-      with crops, the softmax is averaged over them (the paper's 10-crop test), in log
-      space: log_probs = logsumexp_c(log_softmax(logits_c)) - log(crops).
+    batch: {'image': uint8 [b, S, S, C] or [b, crops, S, S, C], 'label': int32 [b],
+      'mask': bool [b]} (see `input_pipeline.create_eval_iterator`); with crops, the softmax
+      is averaged over them (the paper's 10-crop test), in log space:
+      log_probs = logsumexp_c(log_softmax(logits_c)) - log(crops).
+    normalization: turns the batch into the network's input (`normalize.for_config`).
   Returns:
     Totals over devices: loss (-log_probs of the label), top1, top5 (ranked by log_probs, see
     `topk_correct`), count (scalars), and per-class correct / count
     ([num_classes] each) for per-class accuracy.
   """
-  images = batch['image']
+  images = normalization(batch)
   crops = images.shape[1] if images.ndim == 5 else 1
   logits = state.apply_fn({'params': state.params},
                           images.reshape((-1,) + images.shape[-3:]), train=False)
@@ -332,7 +352,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
                'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
                steps_per_epoch, total_steps, len(devices) * jax.process_count())
   return _Plan(config=config, workdir=workdir,
-               data_parallel=parallel.create(config.parallelism, devices),
+               data_parallel=parallel.create(config.parallelism, devices,
+                                             config.model_parallel_size),
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
                eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)))
@@ -398,11 +419,12 @@ class _Loop:
     self.plan, self.manager, self.writer, self.meta = plan, manager, writer, meta
     self.start_step = int(state.step)
     self.par = plan.data_parallel
+    normalization = normalize.for_config(config)
     self.p_train_step = self.par.map(functools.partial(
-        train_step, label_smoothing=config.label_smoothing,
+        train_step, label_smoothing=config.label_smoothing, normalization=normalization,
         learning_rate_fn=optim.create_learning_rate_fn(config, plan.steps_per_epoch)),
                                      donate_state=True)
-    self.p_eval_step = self.par.map(eval_step)
+    self.p_eval_step = self.par.map(functools.partial(eval_step, normalization=normalization))
     self.train_batches = input_pipeline.create_train_iterator(
         config, start_step=self.start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
@@ -421,6 +443,8 @@ class _Loop:
     batches = self.par.prefetch(self.train_batches, config.prefetch_to_device)
     for step in range(self.start_step + 1, plan.total_steps + 1):
       self.replicated, metrics = self.p_train_step(self.replicated, next(batches))
+      if step == self.start_step + 1:
+        host_memory.release_freed()  # What compiling the step freed (hundreds of MiB).
       self.pending.append(metrics)
       if len(self.pending) > 1:
         # At most one step queued behind the running one: without this, dispatch runs up to

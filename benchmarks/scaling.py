@@ -19,12 +19,20 @@ the slower of the two is the bottleneck, and on CPU the two share the same cores
     python benchmarks/scaling.py --devices=1,2 --batches=32,64 \
         --data_dir=../shared/data/imagenette2-224
 
-Takes train_step.py's --variant, --mode, --dtype, --parallelism (pmap or mesh), --rounds,
---steps and --warmup.
+With --parallelism=model (the paper's split over config.model_parallel_size = 2 devices,
+docs/parallelism.md) device counts it does not divide are skipped, and --collectives lists
+the collectives of each compiled step: kind, result shape, MB per device and per image, and
+the layer that made it.
+
+    python benchmarks/scaling.py --parallelism=model --devices=2,4 --batches=16 --collectives
+
+Takes train_step.py's --variant, --mode, --dtype, --parallelism (pmap, mesh or model),
+--rounds, --steps and --warmup.
 """
 
 from collections.abc import Callable
 import os
+import re
 import statistics
 import time
 
@@ -38,6 +46,7 @@ if 'xla_force_host_platform_device_count' not in os.environ.get('XLA_FLAGS', '')
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 
 import train_step  # benchmarks/train_step.py: its flags, config, state and step runner.
 
@@ -53,7 +62,14 @@ _BATCHES = flags.DEFINE_list('batches', ['64'], 'Global batch sizes to time.')
 _DATA_DIR = flags.DEFINE_string(
     'data_dir', None, 'Image folder (DIR/train/<class>/<image>): also time the input pipeline '
     'alone and the train step fed by it (train mode only).')
+_COLLECTIVES = flags.DEFINE_bool(
+    'collectives', False, "Also list each compiled step's collective ops (from its HLO).")
 FLAGS = flags.FLAGS
+# One collective of an HLO text: its result type(s), its kind, and the op that made it.
+_COLLECTIVE = re.compile(r'= (\(.*?\)|\S+) (all-gather|all-reduce|reduce-scatter|'
+                         r'collective-permute|all-to-all)(?:-start)?\(.*?op_name="([^"]*)"')
+_ARRAY = re.compile(r'(f32|bf16|f16|s32|pred)\[([\d,]*)\]')
+_BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'pred': 1}
 
 
 def median_rate(run: Callable[[int], None], batch_size: int) -> float:
@@ -70,6 +86,32 @@ def measure(num_devices: int, batch_size: int) -> float:
   return median_rate(train_step.jax_runner(config, FLAGS.mode, train_step.make_batch(config),
                                            train_step.create_state(config, FLAGS.mode)),
                      batch_size)
+
+
+def collectives(num_devices: int, batch_size: int) -> list[str]:
+  """Table rows of the collectives in the compiled step: kind, result shape, MB per device,
+  KB per image of the device's slice of the batch, and the layer (jax op name) it serves."""
+  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+                                  FLAGS.parallelism)
+  data_parallel = parallel.create(config.parallelism, parallel.select_devices(num_devices),
+                                  config.model_parallel_size)
+  step = train_step.jax_step(config, FLAGS.mode, data_parallel)
+  keys = ('image', 'label', 'mask') if FLAGS.mode == 'eval' else ('image', 'label')
+  batch = train_step.make_batch(config)
+  text = step.lower(data_parallel.put_state(train_step.create_state(config, FLAGS.mode)),
+                    data_parallel.put_batch({k: batch[k] for k in keys})).compile().as_text()
+  # Under 'model' the devices of a mesh row share their slice of the batch.
+  model_size = config.model_parallel_size if config.parallelism == 'model' else 1
+  per_device_batch = batch_size * model_size // num_devices
+  rows = []
+  for kind, shapes, layer in ((m.group(2), m.group(1), m.group(3))
+                              for m in map(_COLLECTIVE.search, text.splitlines()) if m):
+    size = sum(_BYTES[dtype] * int(np.prod([int(d) for d in dims.split(',') if d]))
+               for dtype, dims in _ARRAY.findall(shapes))
+    shape = ' '.join(f'{t}[{d}]' for t, d in _ARRAY.findall(shapes)[:3])
+    rows.append(f'| {kind} | {shape} | {size / 1e6:.3f} | {size / per_device_batch / 1e3:.1f} | '
+                f'{layer.split("shard_map/")[-1][:70]} |')
+  return rows
 
 
 def folder_config(num_devices: int, batch_size: int):
@@ -95,7 +137,8 @@ def measure_pipeline(batch_size: int) -> float:
 def measure_fed(num_devices: int, batch_size: int) -> float:
   """Images/s of the train step fed by the pipeline, as the training loop feeds it."""
   config = folder_config(num_devices, batch_size)
-  data_parallel = parallel.create(config.parallelism, parallel.select_devices(num_devices))
+  data_parallel = parallel.create(config.parallelism, parallel.select_devices(num_devices),
+                                  config.model_parallel_size)
   step = train_step.jax_step(config, 'train', data_parallel)
   batches = data_parallel.prefetch(input_pipeline.create_train_iterator(config),
                                    config.prefetch_to_device)
@@ -141,8 +184,14 @@ def main(argv: list[str]) -> None:
                             if with_data else ''))
   print('|---' * (7 if with_data else 5) + '|')
   single, pipeline = {}, {}
+  model_size = train_step.make_config(FLAGS.variant, 1, FLAGS.dtype, 1,
+                                      FLAGS.parallelism).model_parallel_size
   for batch_size in batches:
     for count in devices:
+      if FLAGS.parallelism == 'model' and count % model_size:
+        print(f'| {count} | {batch_size} | - | model_parallel_size {model_size} does not '
+              f'divide it | - |' + (' - | - |' * with_data))
+        continue
       if batch_size % count:
         print(f'| {count} | {batch_size} | - | not divisible | - |' + (' - | - |' * with_data))
         continue
@@ -157,6 +206,14 @@ def main(argv: list[str]) -> None:
           pipeline[batch_size] = measure_pipeline(batch_size)
         row += f' {pipeline[batch_size]:.1f} | {measure_fed(count, batch_size):.1f} |'
       print(row, flush=True)
+  if _COLLECTIVES.value:
+    for batch_size in batches:
+      for count in devices:
+        if batch_size % count or (FLAGS.parallelism == 'model' and count % model_size):
+          continue
+        print(f'\nCollectives of the step on {count} devices, batch {batch_size}:\n'
+              '| op | result | MB per device | KB per image | layer |\n|---|---|---|---|---|')
+        print('\n'.join(collectives(count, batch_size)), flush=True)
   print(f'1-min load after: {os.getloadavg()[0]:.1f}')
 
 

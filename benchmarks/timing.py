@@ -41,10 +41,18 @@ def make_config(variant: str, batch: int, dtype: str, num_devices: int,
 
 
 def make_batch(config, seed: int = 0) -> dict[str, np.ndarray]:
-  """A random batch: 'image' float32 [B, S, S, 3] ~ N(0, 1), 'label' int32 [B], 'mask' [B]."""
+  """A random batch as the training loop gets it from tf.data: 'image' uint8 [B, S, S, 3],
+  'lighting' float32 [B, 3] (PCA colour shifts, about their scale), 'label' int32 [B], and
+  'mask' bool [B] for eval.
+
+  The JAX step turns it into the network's input on the device, as in training
+  (`normalize`); the PyTorch side (torch_step.py) takes the pixels as float32 0-255, since
+  the values do not change a step's time.
+  """
   rng = np.random.default_rng(seed)
   size, batch = config.image_size, config.batch_size
-  return {'image': rng.standard_normal((batch, size, size, 3), np.float32),
+  return {'image': rng.integers(0, 256, (batch, size, size, 3), np.uint8),
+          'lighting': rng.normal(0, 5, (batch, 3)).astype(np.float32),
           'label': rng.integers(0, config.num_classes, batch).astype(np.int32),
           'mask': np.ones(batch, bool)}
 

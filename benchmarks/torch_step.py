@@ -48,7 +48,7 @@ def torch_runner(config, mode: str, batch: dict[str, np.ndarray],
     model.load_state_dict({k: torch.from_numpy(v) for k, v in state_dict.items()})
   memory_format = torch.channels_last if channels_last else torch.contiguous_format
   model = model.to(device, memory_format=memory_format)
-  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).copy()).to(
+  images = torch.from_numpy(batch['image'].transpose(0, 3, 1, 2).astype(np.float32)).to(
       device, memory_format=memory_format)
   labels = torch.from_numpy(batch['label']).long().to(device)
   forward = torch.compile(model) if compile_model else model

@@ -23,7 +23,9 @@ state donated, exactly as the training loop runs it (so it includes the loop's l
 top-5 metrics and its finiteness check); the PyTorch step computes the same metrics. Both get
 the same network (`torch_reference.TorchAlexNet`), the same SGD (momentum 0.9, weight decay
 5e-4 on every parameter: the project's 'sgd' optimizer and `torch.optim.SGD`), the same random
-batch, and dropout on in train mode. No tf.data.
+batch, and dropout on in train mode. No tf.data: the JAX step gets the uint8 batch the loop
+gets and normalises it on the device (`normalize`, as in training); PyTorch gets its pixels
+as float32 (`timing.make_batch`).
 """
 
 import functools
@@ -48,6 +50,7 @@ import numpy as np
 
 from alexnet_jax import host_memory
 from alexnet_jax import models
+from alexnet_jax import normalize
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
@@ -124,19 +127,20 @@ def jax_step(config, mode: str, data_parallel: parallel.DataParallel):
     step(replicated_state, device_batch): (state, metrics) in train mode, metrics in eval.
   """
   parallel.per_device_batch_size(config.batch_size, len(data_parallel.devices), 'batch_size')
+  normalization = normalize.for_config(config)  # The uint8 batch normalised, as in training.
   if mode == 'eval':
-    return data_parallel.map(train.eval_step)
+    return data_parallel.map(functools.partial(train.eval_step, normalization=normalization))
   return data_parallel.map(functools.partial(
-      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1)),
-                           donate_state=True)
+      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1),
+      normalization=normalization), donate_state=True)
 
 
 def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
   """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
-  data_parallel = parallel.create(config.parallelism,
-                                  parallel.select_devices(config.num_devices))
+  data_parallel = parallel.create(config.parallelism, parallel.select_devices(config.num_devices),
+                                  config.model_parallel_size)
   step = jax_step(config, mode, data_parallel)
-  keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'label')
+  keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'lighting', 'label')
   device_batch = jax.block_until_ready(data_parallel.put_batch({k: batch[k] for k in keys}))
   replicated = [data_parallel.put_state(state)]
   compiled = []
@@ -211,7 +215,7 @@ def run_fresh() -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
 
 
 def jax_backend_device() -> str:
-  """'cuda' where a fresh JAX process runs on a GPU, else 'cpu' (asked without starting JAX here)."""
+  """'cuda' where a fresh JAX process runs on a GPU, else 'cpu' (JAX is not started here)."""
   out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
                        capture_output=True, text=True, check=True)
   return 'cuda' if out.stdout.split()[-1] == 'gpu' else 'cpu'

@@ -14,7 +14,19 @@ import pathlib  # pylint: disable=g-import-not-at-top
 
 import pytest  # pylint: disable=g-import-not-at-top
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+@pytest.fixture(scope='session')
+def env(tmp_path_factory) -> dict[str, str]:
+  """The environment of the tests' `python -m alexnet_jax...` subprocesses: the repository on
+  the path, 2 fake CPU devices, and one JAX compilation cache for the whole session, so that a
+  program the modules share (the TINY run's steps) compiles once."""
+  cache = tmp_path_factory.mktemp('jax_cache')
+  return {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(cache),
+          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 
 @pytest.fixture(scope='session')

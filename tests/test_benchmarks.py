@@ -32,7 +32,8 @@ def test_processes_alternate_a_b_b_a_and_are_fresh(tmp_path):
 
 def test_a_failed_process_names_itself_and_shows_its_stderr():
   failing = ['-c', 'import sys; sys.stderr.write("out of memory"); sys.exit(3)']
-  with pytest.raises(RuntimeError, match=r'(?s)The torch process \(pair 1\).*code 3.*out of memory'):
+  message = r'(?s)The torch process \(pair 1\).*code 3.*out of memory'
+  with pytest.raises(RuntimeError, match=message):
     timing.run_alternating({'torch': failing}, 2, lambda name, result: '')
 
 

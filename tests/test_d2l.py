@@ -22,6 +22,7 @@ from alexnet_jax import convert
 from alexnet_jax import input_pipeline
 from alexnet_jax import mean_image
 from alexnet_jax import models
+from alexnet_jax import normalize
 from alexnet_jax import preprocessing
 from alexnet_jax import torch_reference
 from alexnet_jax import train
@@ -305,7 +306,10 @@ def test_grey_digits_stay_grey_and_divide_by_255():
   test = np.sort(model_selection.train_test_split(
       np.arange(len(digits.target)), test_size=0.2, stratify=digits.target, random_state=0)[1])
   np.testing.assert_array_equal(batch['label'], digits.target[test])
-  np.testing.assert_allclose(batch['image'][..., 0], digits.images[test] / 16, rtol=0, atol=1e-6)
+  # uint8 pixels (0..16 * 255 / 16, rounded), divided by 255 on the device: [0, 1] up to
+  # the rounding, 0.5 / 255 (127.5 rounds to 128).
+  images = normalize.for_config(config)({'image': batch['image']})
+  np.testing.assert_allclose(images[..., 0], digits.images[test] / 16, rtol=0, atol=0.51 / 255)
   # The same digits through a 3-channel config: the grey repeated, as before.
   config.input_channels = 3
   rgb = next(input_pipeline.create_eval_iterator(config))['image']

@@ -19,7 +19,6 @@ import time
 import numpy as np
 import pytest
 
-from test_main import env  # pylint: disable=unused-import  # The fixture.
 from test_main import REPO, assert_bit_equal, final_params, main_command, run_main, trained
 
 STEPS = 2  # Steps of each run: 2 processes, then 1 device, then 2 devices.

@@ -15,8 +15,8 @@ from alexnet_jax import ensemble
 from alexnet_jax import evaluate
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
+from alexnet_jax import normalize
 from started import Started
-from test_main import env  # pylint: disable=unused-import
 
 
 @pytest.fixture(scope='module')
@@ -47,7 +47,8 @@ def _numpy_probabilities(config, states, crops: int):
                                                               train=False))
   probs, labels = [[] for _ in states], []
   for batch in input_pipeline.create_eval_iterator(config, crops=crops):
-    mask, images = batch['mask'], batch['image'][batch['mask']]
+    mask = batch['mask']
+    images = normalize.for_config(config)({'image': batch['image'][mask]})
     labels.append(batch['label'][mask])
     for model, state in enumerate(states):
       logits = np.asarray(forward(state.params, images.reshape((-1,) + images.shape[-3:])),

@@ -17,7 +17,7 @@ from alexnet_jax import checkpointing
 from alexnet_jax import convert
 from alexnet_jax import inference
 from alexnet_jax import reporting
-from test_main import REPO, env  # pylint: disable=unused-import
+from test_main import REPO
 
 STEPS = 4
 # Imagenette (../shared/data, relative to REPO) at the smallest input of the paper network;
@@ -145,15 +145,18 @@ def test_damaged_weights_file_is_a_clear_error(trained, tmp_path):
 
 def test_config_saved_before_newer_fields_still_loads_and_validates(tmp_path):
   """A config.json written before parallelism, plateau_threshold_mode, input_channels,
-  divide_by_255 and model.conv1_padding existed gets their old behaviour."""
+  divide_by_255, model_parallel_size, model.conv1_padding and model.ops existed gets their old
+  behaviour."""
   from alexnet_jax import config_checks  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   saved = json.loads(default.get_config().to_json_best_effort())
-  for name in ('parallelism', 'plateau_threshold_mode', 'input_channels', 'divide_by_255'):
+  for name in ('parallelism', 'plateau_threshold_mode', 'input_channels', 'divide_by_255',
+               'model_parallel_size'):
     del saved[name]
-  del saved['model']['conv1_padding']
+  del saved['model']['conv1_padding'], saved['model']['ops']
   (tmp_path / 'config.json').write_text(json.dumps(saved))
   config = inference.load_config(None, tmp_path)
   config_checks.validate(config)
   assert (config.parallelism, config.plateau_threshold_mode, config.input_channels,
-          config.divide_by_255, config.model.conv1_padding) == ('pmap', 'abs', 3, False, None)
+          config.divide_by_255, config.model_parallel_size, config.model.conv1_padding,
+          config.model.ops) == ('pmap', 'abs', 3, False, 2, None, 'auto')

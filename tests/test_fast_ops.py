@@ -100,3 +100,59 @@ def test_model_convolutions_take_the_cpu_path():
   jaxpr = str(jax.make_jaxpr(conv.apply)(params, x))
   # The CPU branch: one custom-gradient convolution per group.
   assert jaxpr.count('custom_vjp_call') == 2
+
+
+def test_ops_xla_traces_no_cpu_form_and_agrees_with_the_cpu_forms():
+  """config.model.ops switches fast_ops off: the 'xla' network is XLA's ops alone (what a GPU
+  traces), with the 'cpu' network's logits and gradients to float rounding."""
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  images = jax.random.normal(jax.random.PRNGKey(1), (2, 63, 63, 3))
+  params = models.AlexNet(num_classes=10, init_scheme='he').init(
+      jax.random.PRNGKey(0), images, train=False)['params']
+
+  def loss(ops):
+    model = models.AlexNet(num_classes=10, init_scheme='he', ops=ops)
+    return lambda p: jnp.sum(model.apply({'params': p}, images, train=False) ** 2)
+  jaxprs = {ops: str(jax.make_jaxpr(jax.grad(loss(ops)))(params)) for ops in ('xla', 'cpu')}
+  # fast_ops' convolution (its matrix-product weight gradient) is a jitted `_lax_nhwc_conv`;
+  # XLA's max-pool gradient is select_and_scatter_add, which fast_ops routes instead.
+  assert '_lax_nhwc_conv' in jaxprs['cpu'] and '_lax_nhwc_conv' not in jaxprs['xla']
+  assert 'select_and_scatter_add' in jaxprs['xla']
+  assert 'select_and_scatter_add' not in jaxprs['cpu']
+  grads = {ops: jax.jit(jax.value_and_grad(loss(ops)))(params) for ops in ('xla', 'cpu')}
+  for a, b in zip(jax.tree.leaves(grads['cpu']), jax.tree.leaves(grads['xla']), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(np.abs(b).max()))
+
+
+def test_ops_auto_is_the_cpu_forms_on_cpu_only(monkeypatch):
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from configs import imagenet  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config()
+  assert train.model_ops(config) == 'cpu'
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert train.model_ops(config) == 'xla'
+  config.parallelism = 'model'
+  assert train.model_ops(config) == 'partitionable'
+  config.model.ops = 'cpu'
+  assert train.model_ops(config) == 'cpu'  # Said explicitly, it is kept.
+
+
+@pytest.mark.parametrize('groups,padding', [(2, ((1, 1), (1, 1))), (4, ((0, 2), (1, 0)))])
+def test_partitionable_grouped_conv_matches_lax(groups, padding):
+  """The batch-grouped form (model parallelism) gives lax's grouped convolution and gradients,
+  with a non-square kernel, asymmetric padding and C_in / G != C_out / G."""
+  kx, kw, kg = jax.random.split(jax.random.PRNGKey(0), 3)
+  x = jax.random.normal(kx, (2, 7, 6, 4 * groups))
+  w = jax.random.normal(kw, (3, 5, 4, 3 * groups))
+  def conv(fn):
+    return lambda x, w: fn(x, w, (1, 1), padding, dimension_numbers=_NHWC,
+                           feature_group_count=groups, precision=lax.Precision.HIGHEST)
+  reference = conv(lax.conv_general_dilated)
+  mine = conv(fast_ops.partitionable_conv_general_dilated)
+  y = reference(x, w)
+  g = jax.random.normal(kg, y.shape)
+  np.testing.assert_allclose(mine(x, w), y, rtol=1e-5, atol=1e-5)
+  def loss(fn):
+    return lambda x, w: jnp.sum(fn(x, w) * g)
+  for a, b in zip(jax.grad(loss(mine), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)

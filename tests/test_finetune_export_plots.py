@@ -22,7 +22,7 @@ from alexnet_jax import torch_reference
 from alexnet_jax import train
 from configs import default as default_config
 # `env` is test_main's fixture (a compilation cache shared by this module's runs).
-from test_main import REPO, TINY, env, final_params, run_main  # pylint: disable=unused-import
+from test_main import REPO, TINY, final_params, run_main
 
 IMAGE_SIZE = 63  # TINY's: pool5 is 1x1x256, so fc6 is [256, 4096].
 assert f'--config.image_size={IMAGE_SIZE}' in TINY

@@ -8,6 +8,7 @@ from PIL import Image
 import pytest
 
 from alexnet_jax import input_pipeline
+from alexnet_jax import normalize
 from alexnet_jax import preprocessing
 from configs import default
 from configs import imagenet
@@ -72,7 +73,7 @@ def test_folder_info_labels_and_values(image_folder):
   batches = list(input_pipeline.create_eval_iterator(config))
   assert len(batches) == 3  # ceil(11 / 4).
   for batch in batches:
-    assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (4, 32, 32, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].dtype == np.int32 and batch['mask'].dtype == bool
   mask = np.concatenate([b['mask'] for b in batches])
   labels = np.concatenate([b['label'] for b in batches])[mask]
@@ -81,7 +82,7 @@ def test_folder_info_labels_and_values(image_folder):
 
   # The first val image, independently with PIL (antialiased bilinear 224 -> 40).
   first = sorted((image_folder / 'val' / classes[0]).iterdir())[0]
-  expected = _pil_eval_image(first, 40, 32) - MEAN
+  expected = _pil_eval_image(first, 40, 32)
   assert np.abs(batches[0]['image'][0] - expected).mean() < 0.5
 
 
@@ -125,8 +126,9 @@ def test_train_is_deterministic_and_resumes_exactly(image_folder):
   config = _folder_config(image_folder)  # 3 steps per epoch of 5.
   stream = _take(input_pipeline.create_train_iterator(config), 8)
   for batch in stream:
-    assert batch['image'].shape == (5, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (5, 32, 32, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (5,) and batch['label'].dtype == np.int32
+    assert batch['lighting'].shape == (5, 3) and batch['lighting'].dtype == np.float32
   for epoch in range(2):  # Every example once per epoch.
     labels = np.concatenate([b['label'] for b in stream[3 * epoch:3 * epoch + 3]])
     np.testing.assert_array_equal(np.bincount(labels), NUM_TRAIN)
@@ -144,6 +146,9 @@ def test_train_is_deterministic_and_resumes_exactly(image_folder):
 
 
 def test_train_processes_split_each_global_batch(image_folder):
+  """A folder's handles are paths: each process opens only the files of its slots, and the
+  global batch does not depend on the process count (TFDS and prepared shards: test_prepare,
+  test_tfds_source)."""
   config = _folder_config(image_folder, batch_size=6)  # 2 steps per epoch.
   stream = _take(input_pipeline.create_train_iterator(config, start_step=1), 3)
   parts = [_take(input_pipeline.create_train_iterator(config, start_step=1, process_index=i,
@@ -152,6 +157,7 @@ def test_train_processes_split_each_global_batch(image_folder):
     for name in ('image', 'label'):
       np.testing.assert_array_equal(
           np.concatenate([parts[0][step][name], parts[1][step][name]]), batch[name])
+
 
 
 def test_bad_images_are_skipped_counted_and_named(folder_with_bad_files, caplog):
@@ -195,14 +201,16 @@ def test_digits():
   assert np.all(np.abs(np.bincount(labels) - np.bincount(digits.target) * 0.2) <= 1)
 
   # The first test image, independently: 0..16 -> 0..255, bilinear 8 -> 72, centre 64, then
-  # (x - mean) / std per channel (the default config divides by the ImageNet std).
+  # (x - mean) / std per channel on the device (the default config divides by the ImageNet
+  # std); uint8 pixels (each rounded once or twice: 1 / 57 after the std).
   first = np.sort(_digit_test_indices(digits))[0]
   grey = Image.fromarray(digits.images[first].astype(np.float32) * 255 / 16, mode='F')
   canvas = np.asarray(grey.resize((72, 72), Image.BILINEAR))[4:68, 4:68]
   expected = (canvas[..., None] - MEAN) / np.array([58.395, 57.12, 57.375])
   assert config.divide_by_std
   assert batches[0]['image'].shape == (128, 64, 64, 3)
-  np.testing.assert_allclose(batches[0]['image'][0], expected, atol=0.05 / 57)
+  got = normalize.for_config(config)({'image': batches[0]['image'][:1]})[0]
+  np.testing.assert_allclose(got, expected, atol=1.01 / 57)
   assert batches[0]['label'][0] == digits.target[first]
 
   batch = next(input_pipeline.create_train_iterator(config))
@@ -224,11 +232,12 @@ def test_fake_data():
   assert input_pipeline.get_dataset_info(config).num_train_examples == 1_281_167
   batch = next(input_pipeline.create_train_iterator(config, process_count=2))
   assert batch['image'].shape == (4, 4, 4, 3) and batch['label'].dtype == np.int32
+  assert batch['image'].dtype == np.uint8 and batch['lighting'].shape == (4, 3)
   batches = list(input_pipeline.create_eval_iterator(config, crops=10, process_index=1,
                                                      process_count=2))
   assert len(batches) == 3 and batches[0]['image'].shape == (10_000, 10, 4, 4, 3)
-  # Of global batch 2 (examples 40,000-59,999) process 1 holds the second half: padding.
-  assert [b['mask'].sum() for b in batches] == [10_000, 10_000, 0]
+  # Process 1's share is examples 25,000-49,999: its third batch half padding.
+  assert [b['mask'].sum() for b in batches] == [10_000, 10_000, 5_000]
 
 
 def test_mean_image_and_pixel_subtraction(image_folder, tmp_path):
@@ -244,10 +253,12 @@ def test_mean_image_and_pixel_subtraction(image_folder, tmp_path):
     input_pipeline.create_eval_iterator(config)
   config.mean_image_path = str(tmp_path / 'mean.npy')
   np.save(config.mean_image_path, mean)
-  centred = next(input_pipeline.create_eval_iterator(config))['image']
+  centred = next(input_pipeline.create_eval_iterator(config))
   plain = next(input_pipeline.create_eval_iterator(
-      _folder_config(image_folder, mean_subtraction='none')))['image']
-  np.testing.assert_allclose(centred, plain - mean[4:36, 4:36], atol=1e-4)
+      _folder_config(image_folder, mean_subtraction='none')))
+  np.testing.assert_array_equal(centred['image'], plain['image'])  # The device subtracts:
+  assert np.all(centred['offset'] == 4) and not centred['flip'].any()  # the centre's window.
+  assert 'offset' not in plain
 
   np.save(config.mean_image_path, mean[:32])
   with pytest.raises(ValueError, match=r'shape \(32, 40, 3\)'):

@@ -1,11 +1,10 @@
 """`python -m alexnet_jax.main` end to end: runs, resumes bit-exactly, refuses bad input.
 
-Every run is a real subprocess on a tiny digits config. They share a JAX compilation cache,
-so only the first one pays for compiling the steps.
+Every run is a real subprocess on a tiny digits config. They share a JAX compilation cache
+(the `env` fixture of conftest.py), so only the first one pays for compiling the steps.
 """
 
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -24,14 +23,6 @@ TINY = ['--config=configs/default.py', '--config.batch_size=48', '--config.eval_
         '--config.image_size=63', '--config.resize_size=66', '--config.steps_per_eval=1',
         '--config.log_every_steps=4', '--config.checkpoint_every_steps=4',
         '--config.eval_every_epochs=100', '--config.num_devices=2']
-
-
-@pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  cache = tmp_path_factory.mktemp('jax_cache')
-  return {**os.environ, 'PYTHONPATH': str(REPO), 'JAX_COMPILATION_CACHE_DIR': str(cache),
-          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
 
 
 def main_command(workdir, *flags) -> list[str]:
@@ -274,6 +265,28 @@ def test_mesh_trains_as_pmap_and_checkpoints_resume_across_the_two(tmp_path, env
     assert result.returncode == 0, result.stderr[-3000:]
     assert f'Resuming from the checkpoint at step {step}.' in result.stderr
     assert_bit_equal(final_params(workdir), final_params(uninterrupted))
+
+
+def test_model_parallel_resumes_pmaps_run_evaluates_and_hands_back_to_pmap(tmp_path, env,
+                                                                           uninterrupted):
+  """The paper's split over the 2 devices through the same command: it resumes pmap's step 4,
+  trains to 12 with an evaluation, and pmap resumes its step 8. (Its numbers equal one
+  device's to rounding: tests/test_model_parallel.py; here dropout masks follow the data axis,
+  of size 1 under 'model', so the runs' parameters differ by design.)"""
+  split = tmp_path / 'model'
+  _cut_to(uninterrupted, split, 4)
+  result = run_main(split, '--config.num_train_steps=12', '--config.parallelism=model', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 4.' in result.stderr
+  final = json.loads((split / 'final_metrics.json').read_text())
+  assert final['step'] == 12 and 0.0 <= final['eval_top1'] <= 1.0
+  assert np.isfinite(final['eval_loss'])
+  back = tmp_path / 'pmap_from_model'
+  _cut_to(split, back, 8)
+  result = run_main(back, '--config.num_train_steps=12', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Resuming from the checkpoint at step 8.' in result.stderr
+  assert json.loads((back / 'final_metrics.json').read_text())['step'] == 12
 
 
 def test_an_error_mid_run_awaits_the_pending_save_and_is_one_line(tmp_path, env):

@@ -16,9 +16,9 @@ import pytest
 from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
+from alexnet_jax import normalize
 from alexnet_jax import parallel
 from started import Started
-from test_main import env  # pylint: disable=unused-import
 
 K = 3
 
@@ -61,7 +61,8 @@ def test_features_are_what_fc8_reads_and_are_stored_once(model, tmp_path):
   train_config = config.copy_and_resolve_references()
   train_config.eval_split = 'train'
   batches = list(input_pipeline.create_eval_iterator(train_config, crops=1))
-  images = np.concatenate([b['image'][b['mask']] for b in batches])
+  images = normalize.for_config(config)(
+      {'image': np.concatenate([b['image'][b['mask']] for b in batches])})
   np.testing.assert_array_equal(bank.labels, np.concatenate([b['label'][b['mask']]
                                                              for b in batches]))
   logits = np.asarray(jax.jit(lambda x: state.apply_fn({'params': state.params}, x,

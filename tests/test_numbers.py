@@ -102,11 +102,14 @@ def test_eval_loss_is_exact_where_softmax_underflows(small_real_batch):
 @pytest.mark.parametrize('crops,mirrors', [(5, False), (10, True)])
 def test_multi_crops_are_the_corners_and_centre_and_mirrors_only_for_ten(crops, mirrors):
   image = tf.reshape(tf.range(6 * 8 * 3, dtype=tf.float32), [6, 8, 3])
-  got = preprocessing.multi_crops(image, 4, crops).numpy()
+  got, offsets, flips = (x.numpy() for x in preprocessing.multi_crops(image, 4, crops))
   array = image.numpy()
   five = [array[:4, :4], array[:4, 4:], array[2:, :4], array[2:, 4:], array[1:5, 2:6]]
   expected = five + ([view[:, ::-1] for view in five] if mirrors else [])
   np.testing.assert_array_equal(got, np.stack(expected))
+  corners = [(0, 0), (0, 4), (2, 0), (2, 4), (1, 2)]
+  np.testing.assert_array_equal(offsets, corners * (2 if mirrors else 1))
+  np.testing.assert_array_equal(flips, [False] * 5 + [True] * (5 if mirrors else 0))
 
 
 @pytest.mark.parametrize('random_flip,asked,used', [

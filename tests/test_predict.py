@@ -22,7 +22,7 @@ from alexnet_jax import train
 from configs import default
 from configs import imagenet
 from configs import imagenette
-from test_main import REPO, env  # pylint: disable=unused-import
+from test_main import REPO
 
 
 def _small_imagenette():

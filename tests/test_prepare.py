@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from alexnet_jax import data_sources
+from alexnet_jax import input_pipeline
 from alexnet_jax import prepare
 from alexnet_jax import train
 from test_train import tiny_config
@@ -89,10 +90,14 @@ def test_metadata_counts_labels_and_class_names_equal_the_folders(folder, prepar
     assert info['num_examples'] == sum(map(len, good.values()))
     assert info['num_listed'] == sum(map(len, listed.values()))
     records = _records(prepared, split)
-    # The folder's canonical order: classes sorted, files sorted; the label its class index.
+    # The folder lists classes sorted, files sorted, the label its class index; the shards
+    # hold that list in prepare.ORDER_SEED's permutation, less the file that does not decode.
+    listing = [(str(folder / split / name / f), class_names.index(name))
+               for name in class_names for f in listed[name]]
+    order = np.random.default_rng(prepare.ORDER_SEED).permutation(len(listing))
     assert [(r['key'], r['label']) for r in records] == [
-        (str(folder / split / name / f), class_names.index(name))
-        for name in class_names for f in good[name]]
+        listing[i] for i in order if not listing[i][0].endswith(BROKEN)]
+    assert metadata['settings']['order_seed'] == list(prepare.ORDER_SEED)
   assert metadata['splits']['train']['failed'] == [str(folder / 'train' / class_names[0] /
                                                        BROKEN)]
   assert metadata['splits']['train']['num_failed'] == 1
@@ -137,8 +142,10 @@ def test_keep_aspect_keeps_the_whole_image_with_the_shorter_side_the_size(folder
 def test_a_resumed_preparation_equals_an_uninterrupted_one(folder, prepared, tmp_path, caplog):
   resumed = tmp_path / 'resumed'
   shutil.copytree(prepared, resumed)
-  # Train examples 2 and 3: the first class's last photo and the bad file (sorted last).
-  (resumed / 'train-00001-of-00005.tfrecord').unlink()
+  # The train shard that holds the bad file (its JSON lists it).
+  (with_bad,) = [path for path in resumed.glob('train-*.json')
+                 if json.loads(path.read_text())['failed']]
+  with_bad.with_suffix('.tfrecord').unlink()
   (resumed / prepare.METADATA).unlink()
   before = os.stat(resumed / 'val-00000-of-00003.tfrecord').st_mtime_ns
   caplog.set_level('WARNING')
@@ -203,3 +210,57 @@ def test_missing_data_is_one_line_and_a_nonzero_exit(tmp_path):
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if 'ValueError' in line]
   assert len(errors) == 1 and 'does not exist' in errors[0], result.stderr
+
+
+def _bytes_read() -> int:
+  """Bytes this process has read from files so far (Linux's rchar)."""
+  with open('/proc/self/io') as f:
+    return int(next(line for line in f if line.startswith('rchar')).split()[1])
+
+
+def test_each_of_two_processes_reads_only_its_own_shards(prepared):
+  """The shards each process opens, the records it gets and the bytes it reads: disjoint
+  shares whose union is the split, and about half the split's bytes each."""
+  source = data_sources.get_source(_config(prepared, dataset='prepared'))
+  metadata = json.loads((prepared / prepare.METADATA).read_text())['splits']['train']
+  records = [r['key'] for r in _records(prepared, 'train')]  # 9: the text file did not decode.
+  # The bad file was in the last shard of prepare.ORDER_SEED's order.
+  assert metadata['shard_sizes'] == [2, 2, 2, 2, 1] and len(records) == 9
+  # Process 0 of 2 reads records 0-3 (shards 0-1), process 1 records 4-8 (shards 2-4). Of 3,
+  # process 1 reads records 3-5: the first record of shard 1 stepped over (read, not parsed).
+  shard = lambda k: str(prepared / metadata['shards'][k])  # pylint: disable=unnecessary-lambda-assignment
+  expected = [[(shard(0), 0, 2), (shard(1), 0, 2)],
+              [(shard(2), 0, 2), (shard(3), 0, 2), (shard(4), 0, 1)]]
+  assert [source.files_read('train', index, 3) for index in range(3)] == [
+      [(shard(0), 0, 2), (shard(1), 0, 1)], [(shard(1), 1, 1), (shard(2), 0, 2)],
+      [(shard(3), 0, 2), (shard(4), 0, 1)]]
+  list(source.handles('train').as_numpy_iterator())  # Warm up TensorFlow's own reads.
+  keys = []
+  for index in range(2):
+    assert source.files_read('train', index, 2) == expected[index]
+    before = _bytes_read()
+    handles = list(source.handles('train', shuffle_seed=(0, 1), process_index=index,
+                                  process_count=2).as_numpy_iterator())
+    read = _bytes_read() - before
+    files = {path for path, _, _ in expected[index]}
+    assert sum(map(os.path.getsize, files)) <= read < sum(map(os.path.getsize, files)) + 4096
+    keys.append(sorted(h['key'].decode() for h in handles))
+  assert keys == [sorted(records[:4]), sorted(records[4:])]
+
+
+def test_two_processes_train_on_their_shares_deterministically_and_resume_exactly(prepared):
+  config = _config(prepared, dataset='prepared', batch_size=4)  # 2 steps an epoch, 2 a process.
+  records = _records(prepared, 'train')
+  for index, share in ((0, records[:4]), (1, records[4:])):
+    stream = [next(it) for it in [input_pipeline.create_train_iterator(
+        config, process_index=index, process_count=2)] for _ in range(3)]
+    again = input_pipeline.create_train_iterator(config, process_index=index, process_count=2)
+    resumed = input_pipeline.create_train_iterator(config, start_step=1, process_index=index,
+                                                   process_count=2)
+    np.testing.assert_array_equal(next(again)['image'], stream[0]['image'])
+    for expected in stream[1:]:
+      np.testing.assert_array_equal(next(resumed)['image'], expected['image'])
+    share_labels = np.bincount([r['label'] for r in share], minlength=CLASSES)
+    for batch in stream:  # Examples of its own share only (labels are what batches show).
+      assert batch['image'].shape == (2, 63, 63, 3)
+      assert np.all(np.bincount(batch['label'], minlength=CLASSES) <= share_labels)

@@ -45,8 +45,8 @@ def photos(imagenet_samples_dir):
 def test_canvas_matches_pil(photos, name):
   canvas = preprocessing.canvas(tf.constant(photos[name]), _options()).numpy()
   expected = _pil_canvas(Image.open(io.BytesIO(photos[name])))
-  assert canvas.shape == (256, 256, 3) and canvas.dtype == np.float32
-  # PIL rounds to uint8; TF's antialiased bilinear is the same filter.
+  assert canvas.shape == (256, 256, 3) and canvas.dtype == np.uint8
+  # Both round to uint8; TF's antialiased bilinear is the same filter as PIL's.
   assert np.abs(canvas - expected).mean() < 0.5
   assert np.abs(canvas - expected).max() < 3
 
@@ -88,50 +88,58 @@ def test_truncated_jpeg_fails_to_decode(photos):
     preprocessing.canvas(tf.constant(truncated), _options())
 
 
-def _train_images(data: bytes, options: preprocessing.Options, num: int) -> np.ndarray:
-  """train_image for seeds (0, 0) ... (0, num - 1): [num, S, S, 3]."""
+def _train_images(data: bytes, options: preprocessing.Options,
+                  num: int) -> dict[str, np.ndarray]:
+  """train_image for seeds (0, 0) ... (0, num - 1), stacked: 'image' [num, S, S, 3], ..."""
   seeds = tf.data.Dataset.range(num).map(lambda i: tf.stack([tf.constant(0, tf.int64), i]))
   images = seeds.map(lambda seed: preprocessing.train_image(tf.constant(data), seed, options))
-  return np.stack(list(images.as_numpy_iterator()))
+  return next(images.batch(num).as_numpy_iterator())
 
 
 def _find_offset(crop: np.ndarray, canvas: np.ndarray) -> tuple[int, int]:
-  """The (y, x) where crop sits in canvas (up to float rounding); raises if nowhere."""
-  size = crop.shape[0]
+  """The (y, x) where crop sits in canvas (up to the rounding of resizing the window alone,
+  1 of 255); raises if nowhere."""
+  size, crop, canvas = crop.shape[0], crop.astype(int), canvas.astype(int)
   for y in range(canvas.shape[0] - size + 1):
     for x in range(canvas.shape[1] - size + 1):
-      if (np.abs(canvas[y, x:x + size] - crop[0]).max() < 0.01 and
-          np.abs(canvas[y:y + size, x:x + size] - crop).max() < 0.01):
+      if (np.abs(canvas[y, x:x + size] - crop[0]).max() <= 1 and
+          np.abs(canvas[y:y + size, x:x + size] - crop).max() <= 1):
         return y, x
   raise AssertionError('the crop is not a window of the canvas')
 
 
 @pytest.mark.parametrize('square', [True, False])
 def test_paper_crops_are_windows_of_the_canvas(photos, square):
-  if square:  # A mean image, whose crop must be subtracted.
-    mean = np.random.default_rng(0).uniform(0, 255, (256, 256, 3)).astype(np.float32)
-  else:
-    mean = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32)
-  options = _options(mean=mean, center_crop_train=square)
+  # keep_window (for a mean image, square canvases only): the offsets travel with the crops.
+  options = _options(center_crop_train=square, keep_window=square)
   data = photos[PHOTOS[0]]  # 376x263.
   canvas = preprocessing.canvas(tf.constant(data), options, square=square).numpy()
   assert canvas.shape == ((256, 256, 3) if square else (256, 365, 3))
-  crops = _train_images(data, options, 12)
-  assert crops.shape == (12, 224, 224, 3) and crops.dtype == np.float32
+  images = _train_images(data, options, 12)
+  crops = images['image']
+  assert crops.shape == (12, 224, 224, 3) and crops.dtype == np.uint8
   offsets = [_find_offset(crop, canvas) for crop in crops]
   assert all(0 <= y <= canvas.shape[0] - 224 and 0 <= x <= canvas.shape[1] - 224
              for y, x in offsets)
   assert len(set(offsets)) >= 10  # Uniform over the offsets.
-  np.testing.assert_array_equal(crops, _train_images(data, options, 12))  # Seeded.
+  if square:
+    np.testing.assert_array_equal(images['offset'], offsets)
+    assert not images['flip'].any()  # random_flip=False.
+  else:
+    assert 'offset' not in images
+  np.testing.assert_array_equal(crops, _train_images(data, options, 12)['image'])  # Seeded.
 
 
 def test_flips_half_the_time():
-  pixels = np.random.default_rng(0).uniform(0, 255, (8, 8, 3)).astype(np.float32)
-  options = _options(image_size=8, resize_size=8, encoded=False, random_flip=True)
-  images = _train_images(pixels, options, 400)
+  pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+  options = _options(image_size=8, resize_size=8, encoded=False, random_flip=True,
+                     keep_window=True)
+  drawn = _train_images(pixels, options, 400)
+  images = drawn['image']
   flipped = [np.array_equal(image, pixels[:, ::-1]) for image in images]
   assert all(f or np.array_equal(image, pixels) for f, image in zip(flipped, images))
   assert 0.4 < np.mean(flipped) < 0.6  # 5 standard deviations of a fair coin.
+  np.testing.assert_array_equal(drawn['flip'], flipped)  # The flag the device is given.
 
 
 def test_pca_lighting_formula_and_statistics():
@@ -152,13 +160,17 @@ def test_pca_lighting_formula_and_statistics():
   np.testing.assert_allclose(coefficients.std(axis=0), std, rtol=0.05)
 
 
-def test_lighting_shifts_every_pixel_alike(photos):
+def test_lighting_travels_with_the_pixels(photos):
   data = photos[PHOTOS[1]]
   plain = _train_images(data, _options(), 2)
   lit = _train_images(data, _options(pca_lighting_std=0.1), 2)
-  shift = (lit - plain).reshape(2, -1, 3)
-  np.testing.assert_allclose(shift, np.broadcast_to(shift[:, :1], shift.shape), atol=1e-3)
-  assert np.all(np.abs(shift[:, 0]) > 1e-3)
+  assert 'lighting' not in plain
+  np.testing.assert_array_equal(lit['image'], plain['image'])  # The device adds the shift.
+  seeds = [tf.random.experimental.stateless_split(tf.constant([0, i], tf.int64), 3)[2]
+           for i in range(2)]
+  np.testing.assert_array_equal(
+      lit['lighting'], np.stack([preprocessing.pca_lighting(s, 0.1).numpy() for s in seeds]))
+  assert np.all(np.abs(lit['lighting']) > 1e-3)
 
 
 def test_random_resized_windows():
@@ -176,16 +188,17 @@ def test_random_resized_windows():
 
 def test_random_resized_train_image(photos):
   options = _options(train_crop='random_resized', random_flip=True, pca_lighting_std=0.1)
-  images = _train_images(photos[PHOTOS[1]], options, 3)
-  assert images.shape == (3, 224, 224, 3)
+  drawn = _train_images(photos[PHOTOS[1]], options, 3)
+  images = drawn['image']
+  assert images.shape == (3, 224, 224, 3) and images.dtype == np.uint8
   assert not np.array_equal(images[0], images[1])
-  assert -40 < images.min() and images.max() < 255 + 40  # 0-255 plus a lighting shift.
+  assert drawn['lighting'].shape == (3, 3)
 
 
 def test_ten_crops_are_corners_centre_and_mirrors(photos):
   data = photos[PHOTOS[2]]
   options = _options()
-  crops = preprocessing.eval_image(tf.constant(data), options, crops=10).numpy()
+  crops = preprocessing.eval_image(tf.constant(data), options, crops=10)['image'].numpy()
   canvas = _pil_canvas(Image.open(io.BytesIO(data)))
   views = [canvas[:224, :224], canvas[:224, 32:], canvas[32:, :224], canvas[32:, 32:],
            canvas[16:240, 16:240]]
@@ -193,13 +206,6 @@ def test_ten_crops_are_corners_centre_and_mirrors(photos):
   assert crops.shape == (10, 224, 224, 3)
   for crop, view in zip(crops, views):
     assert np.abs(crop - view).mean() < 0.5
-  centre = preprocessing.eval_image(tf.constant(data), options).numpy()
-  np.testing.assert_allclose(centre, crops[4], atol=0.01)  # Resized as a window: rounding.
-
-
-def test_channel_mean_subtraction(photos):
-  data = tf.constant(photos[PHOTOS[0]])
-  mean = np.array(preprocessing.IMAGENET_MEAN_RGB, np.float32)
-  plain = preprocessing.eval_image(data, _options()).numpy()
-  centred = preprocessing.eval_image(data, _options(mean=mean)).numpy()
-  np.testing.assert_allclose(centred, plain - mean, atol=1e-4)
+  centre = preprocessing.eval_image(tf.constant(data), options)['image'].numpy()
+  # Resized as a window: float rounding, then uint8's.
+  np.testing.assert_allclose(centre, crops[4], atol=1)

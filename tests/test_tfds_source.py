@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from alexnet_jax import data_sources
 from alexnet_jax import input_pipeline
 from configs import imagenet
 from test_distributed import free_port, with_devices
@@ -74,7 +75,7 @@ def test_prepared_imagenet2012(imagenet_data_dir):
   train = input_pipeline.create_train_iterator(config)
   batches = [next(train) for _ in range(6)]  # Two epochs.
   for batch in batches:
-    assert batch['image'].shape == (2, 32, 32, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (2, 32, 32, 3) and batch['image'].dtype == np.uint8
   for epoch in (batches[:3], batches[3:]):
     labels = np.sort(np.concatenate([b['label'] for b in epoch]))
     np.testing.assert_array_equal(labels, [1, 1, 13, 13, 15, 15])
@@ -87,6 +88,21 @@ def test_prepared_imagenet2012(imagenet_data_dir):
   builder = tfds.builder('imagenet2012', data_dir=str(imagenet_data_dir))
   expected = [example['label'] for example in tfds.as_numpy(builder.as_dataset('validation'))]
   np.testing.assert_array_equal(labels, expected)
+
+
+def test_two_processes_read_disjoint_slices_whose_union_is_the_split(imagenet_data_dir):
+  config = _config(imagenet_data_dir)
+  source = data_sources.get_source(config)
+  every = sorted(h['key'] for h in source.handles('train').as_numpy_iterator())
+  shares = [sorted(h['key'] for h in source.handles(
+      'train', shuffle_seed=(0, 0), process_index=i, process_count=2).as_numpy_iterator())
+            for i in range(2)]
+  # TFDS's reader yields the records of train[0:3] and train[3:6] only.
+  assert len(every) == 6 and shares == [every[:3], every[3:]]
+  config.eval_batch_size = 2
+  counts = [sum(b['mask'].sum() for b in input_pipeline.create_eval_iterator(
+      config, process_index=i, process_count=2)) for i in range(2)]
+  assert counts == [NUM_VAL // 2] * 2
 
 
 def test_missing_imagenet_download_says_what_to_do(tmp_path):

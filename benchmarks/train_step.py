@@ -151,8 +151,9 @@ def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
         out = step(replicated[0], device_batch)
       else:
         replicated[0], out = step(replicated[0], device_batch)
-      if not compiled:
-        host_memory.release_freed()  # As the training loop does after its first step.
+      if not compiled:  # As the training loop does after its first step.
+        jax.block_until_ready(out)
+        host_memory.release_freed()
         compiled.append(True)
     jax.block_until_ready(out)
   return run
@@ -181,6 +182,11 @@ def configure_precision(tf32: str) -> None:
 
 def jax_child(config) -> None:
   """A fresh JAX process: measures the step alone and prints the result."""
+  # The normalisation constants come through the input pipeline, which imports TensorFlow
+  # (~480 MiB resident): imported before the baseline, as torch is in its process, so that
+  # the peak is the step's.
+  normalize.for_config(config)
+
   def build():
     run = jax_runner(config, _MODE.value, make_batch(config), create_state(config, _MODE.value))
     if jax.default_backend() == 'cpu':

@@ -240,6 +240,21 @@ def test_fake_data():
   assert [b['mask'].sum() for b in batches] == [10_000, 10_000, 5_000]
 
 
+def test_fake_data_under_a_mean_image_subtracts_its_central_window(tmp_path):
+  from alexnet_jax import normalize  # pylint: disable=g-import-not-at-top
+  config = imagenet.get_config()
+  config.update(dataset='fake', image_size=4, resize_size=8, batch_size=2, eval_batch_size=2,
+                mean_subtraction='pixel', pca_lighting_std=0.0,
+                mean_image_path=str(tmp_path / 'mean.npy'))
+  mean = np.arange(8 * 8 * 3, dtype=np.float32).reshape(8, 8, 3)
+  np.save(tmp_path / 'mean.npy', mean)
+  normalization = normalize.for_config(config)
+  for batch in (next(input_pipeline.create_train_iterator(config)),
+                next(input_pipeline.create_eval_iterator(config))):
+    np.testing.assert_array_equal(normalization(batch),
+                                  batch['image'].astype(np.float32) - mean[2:6, 2:6])
+
+
 def test_mean_image_and_pixel_subtraction(image_folder, tmp_path):
   from alexnet_jax import mean_image  # pylint: disable=g-import-not-at-top
   config = _folder_config(image_folder, mean_subtraction='pixel')

@@ -9,8 +9,9 @@ data (encoded file or pixels) for preprocessing.
 
 Several processes: process p of P lists only its share of a split, the examples
 `process_range(n, p, P)` of the canonical order, and reads only the records of that share
-(the TFDS slice `split[start:stop]`, or the prepared shards that hold it), so no host reads
-bytes that another host's examples fill.
+(the TFDS slice `split[start:stop]`, or the prepared shards that hold it), so a host reads no
+other host's examples: except, in the first shard of a prepared share, the records before it,
+which the TFRecord reader reads through to skip them (at most one shard a process).
 
 Used through input_pipeline, which keeps TensorFlow off the GPUs.
 """
@@ -43,7 +44,8 @@ ShuffleSeed = Optional[tuple[int, int]]
 
 def process_range(num_examples: int, process_index: int, process_count: int) -> tuple[int, int]:
   """Examples [start, stop) of a split's canonical order that process p of P reads: P
-  consecutive shares whose sizes differ by at most one (as tfds.even_splits makes them)."""
+  consecutive shares whose sizes differ by at most one (the later ones the larger; TFDS's
+  even_splits gives its extra examples to the first ones instead)."""
   return (num_examples * process_index // process_count,
           num_examples * (process_index + 1) // process_count)
 
@@ -197,12 +199,12 @@ class PreparedSource(Source):
                  process_count: int = 1) -> list[tuple[str, int, int]]:
     """What process p of P reads of a split: (shard path, records skipped, records read) of
     each shard that holds part of its share, in canonical order. Only the first may skip
-    records (the TFRecord reader steps over them without parsing them)."""
+    records (the TFRecord reader reads through them, without parsing them)."""
     info = self._split(split)
     if 'shard_sizes' not in info:
       raise ValueError(f'{os.path.join(self._data_dir, PREPARED_METADATA)} lacks the shard sizes '
                        'that processes share the shards by (an older alexnet_jax.prepare wrote '
-                       'it): rerun the same prepare command, which rewrites it.')
+                       'it, in an older order): prepare the data again into a new --output.')
     start, stop = process_range(info['num_examples'], process_index, process_count)
     reads, first = [], 0
     for name, size in zip(info['shards'], info['shard_sizes']):

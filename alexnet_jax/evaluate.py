@@ -51,12 +51,21 @@ _ENSEMBLE = flags.DEFINE_list(
 def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
              crops: int) -> dict[str, Any]:
   """Runs config.eval_split on config.num_devices local devices; see `train.evaluate`."""
+  data_parallel, step = _mapped_eval_step(config.to_json_best_effort())
+  return train.evaluate(step, data_parallel.put_state(state), config, data_parallel, crops)
+
+
+@functools.cache
+def _mapped_eval_step(config_json: str) -> tuple[parallel.DataParallel, Any]:
+  """The devices and the mapped eval step of a config, made once per config: an ensemble
+  evaluates each member and the ensemble with the same one (one compilation, one read of a
+  mean image)."""
+  config = ml_collections.ConfigDict(json.loads(config_json))
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
   data_parallel = parallel.create(config.parallelism, devices, config.model_parallel_size)
   step = functools.partial(train.eval_step, normalization=normalize.for_config(config))
-  return train.evaluate(data_parallel.map(step), data_parallel.put_state(state), config,
-                        data_parallel, crops)
+  return data_parallel, data_parallel.map(step)
 
 
 def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -> dict[str, Any]:

@@ -10,6 +10,9 @@ set stayed ~700 MiB above what the steps need (docs/benchmarks.md, "Memory").
 import ctypes
 import ctypes.util
 import functools
+from typing import Any
+
+import jax
 
 
 @functools.cache
@@ -22,7 +25,13 @@ def _malloc_trim():
   return trim
 
 
-def release_freed() -> bool:
-  """Returns freed heap pages to the OS; True if any were released, False if none or no glibc."""
+def release_freed(after: Any = None) -> bool:
+  """Returns freed heap pages to the OS; True if any were released, False if none or no glibc.
+
+  Args:
+    after: arrays to wait for first (a step's first outputs), so that the trim comes after
+      that run, whatever it allocated and freed on the way.
+  """
+  jax.block_until_ready(after)
   trim = _malloc_trim()
   return bool(trim(0)) if trim is not None else False

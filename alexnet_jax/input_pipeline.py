@@ -293,14 +293,15 @@ def _eval_dataset(config, crops: int, index: int, count: int) -> tf.data.Dataset
   options = preprocessing_options(config, source.encoded)
   num_examples = source.num_examples(config.eval_split)
   start, stop = data_sources.process_range(num_examples, index, count)
-  if start == stop:
+  if num_examples < count:  # Checked on every process: those with a share would wait.
     raise ValueError(f'The {config.eval_split!r} split has {num_examples} examples, fewer than '
                      f'the {count} processes that share it.' if num_examples else
                      f'The {config.eval_split!r} split is empty.')
   handles = source.handles(config.eval_split, process_index=index, process_count=count)
   batch_size = config.eval_batch_size // count
   # ceil(ceil(n / P) / b) == ceil(n / B): the largest share fills as many batches as all do.
-  ds = handles.concatenate(handles.take(1).repeat())
+  # The padding example read once: a repeat of take(1) would reopen the share for each copy.
+  ds = handles.concatenate(handles.take(1).cache().repeat())
   ds = ds.take(_num_eval_batches(num_examples, config) * batch_size).enumerate()
   ds = ds.map(lambda position, handle: (position, {**handle, 'mask': position < stop - start}))
   ds = _decode_carefully(

@@ -4,7 +4,9 @@ tf.data (`preprocessing`) decodes, crops and mirrors in uint8 and draws every ra
 the float work runs here, inside the compiled train and eval steps, so a 224 px image crosses
 to the device in 150,528 bytes instead of float32's 602,112, and the host is spared two thirds
 of a prepared image's time. The arithmetic is the one tf.data did before, in the same order
-(tested equal to a NumPy reference to float rounding):
+(tested equal to a NumPy reference to float rounding); what it starts from differs only where
+the host resamples (original photos, `random_resized`, the digits): that crop is now rounded
+to uint8 once, at most 0.5 of 255 (prepared canvases are only cropped, so not rounded):
 
     image = (float32(pixels) - mean + lighting) / std
 

@@ -269,8 +269,19 @@ class _Mesh(DataParallel):
     return self._replicated
 
   def get(self, tree):
-    # A copy (see `unreplicate`): the buffer is donated to the next step.
-    return jax.tree.map(lambda x: np.array(x.addressable_data(0)), tree)
+    def fetch(x):
+      # From this process's shards: replicated, or split over the 'model' axis (which lies
+      # within each host), they hold every part. A copy: the buffer is donated to the next
+      # step while Orbax may still be saving this one (see `unreplicate`).
+      parts = {_slices(shard.index): shard for shard in x.addressable_shards}
+      if set(map(_slices, x.sharding.devices_indices_map(x.shape).values())) - parts.keys():
+        raise ValueError(f'An array of shape {x.shape} ({x.sharding.spec}) has parts on other '
+                         'hosts only; the model axis must lie within each host.')
+      host = np.empty(x.shape, x.dtype)
+      for shard in parts.values():
+        host[shard.index] = np.asarray(shard.data)
+      return host
+    return jax.tree.map(fetch, tree)
 
   def put_batch(self, batch):
     return jax.tree.map(
@@ -309,20 +320,6 @@ class _ModelParallel(_Mesh):
           f'of {jax.tree_util.keystr(path)}; choose a size that divides every layer width '
           '(and num_classes).')
     return jax.sharding.NamedSharding(self.mesh, _model_split(path, shape))
-
-  def get(self, tree):
-    def fetch(x):
-      # From this process's shards: with the 'model' axis inside each host, they hold every
-      # part of the array. A copy (see `unreplicate`).
-      parts = {_slices(shard.index): shard for shard in x.addressable_shards}
-      if set(map(_slices, x.sharding.devices_indices_map(x.shape).values())) - parts.keys():
-        raise ValueError(f'An array of shape {x.shape} ({x.sharding.spec}) has parts on other '
-                         'hosts only; the model axis must lie within each host.')
-      host = np.empty(x.shape, x.dtype)
-      for shard in parts.values():
-        host[shard.index] = np.asarray(shard.data)
-      return host
-    return jax.tree.map(fetch, tree)
 
 
 def _slices(index: tuple[slice, ...]) -> tuple[tuple[int | None, int | None], ...]:

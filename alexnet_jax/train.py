@@ -444,10 +444,7 @@ class _Loop:
     for step in range(self.start_step + 1, plan.total_steps + 1):
       self.replicated, metrics = self.p_train_step(self.replicated, next(batches))
       if step == self.start_step + 1:
-        # What compiling the step freed (hundreds of MiB): XLA:CPU compiles some of it in
-        # the first run, so after that run.
-        jax.block_until_ready(metrics)
-        host_memory.release_freed()
+        host_memory.release_freed(after=metrics)  # What compiling freed: hundreds of MiB.
       self.pending.append(metrics)
       if len(self.pending) > 1:
         # At most one step queued behind the running one: without this, dispatch runs up to

@@ -10,7 +10,8 @@ goes; docs/benchmarks.md quotes it.
     python -m benchmarks.layers --variant=paper --batch=64 --image_size=224
 
 JAX and PyTorch run in fresh processes of their own (`--pairs` each, alternating; PyTorch's
-never imports JAX); inside the JAX ones XLA's ops and fast_ops alternate layer by layer. Each
+never imports JAX); inside the JAX ones XLA's ops and fast_ops alternate round by round within
+each layer. Each
 layer's figure is the median over processes of each process's median round.
 """
 
@@ -18,6 +19,7 @@ import json
 import os
 import statistics
 import sys
+import time
 from collections.abc import Callable
 
 from absl import app
@@ -26,7 +28,9 @@ import numpy as np
 
 from benchmarks import timing
 
-_VARIANT = flags.DEFINE_enum('variant', 'paper', ('paper', 'torchvision'), 'AlexNet variant.')
+# models.VARIANTS, written out: the PyTorch children must not import the JAX model code.
+_VARIANT = flags.DEFINE_enum('variant', 'paper', ('paper', 'torchvision', 'd2l'),
+                             'AlexNet variant.')
 _BATCH = flags.DEFINE_integer('batch', 64, 'Batch size.')
 _IMAGE_SIZE = flags.DEFINE_integer('image_size', 224, 'Image side in pixels.')
 _ROUNDS = flags.DEFINE_integer('rounds', 3, 'Timed rounds per implementation and process.')
@@ -139,9 +143,10 @@ def main(argv):
   if _CHILD.value:
     timing.print_result(profile(_CHILD.value, json.loads(_LAYERS.value), _ROUNDS.value))
     return
-  layers = json.dumps(layer_list(_VARIANT.value, _BATCH.value, _IMAGE_SIZE.value))
-  commands = {f: ['-m', 'benchmarks.layers', *sys.argv[1:], f'--child={f}', f'--layers={layers}']
-              for f in _IMPLEMENTATIONS}
+  load_before = os.getloadavg()[0]
+  layers_json = json.dumps(layer_list(_VARIANT.value, _BATCH.value, _IMAGE_SIZE.value))
+  commands = {f: ['-m', 'benchmarks.layers', *sys.argv[1:], f'--child={f}',
+                  f'--layers={layers_json}'] for f in _IMPLEMENTATIONS}
   results = timing.run_alternating(
       commands, _PAIRS.value,
       lambda name, r: f'{sum(sum(t.values()) for t in r.values()):.1f} s in all')
@@ -151,18 +156,17 @@ def main(argv):
             for layer in layers}
   print(f'{_VARIANT.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, forward + backward, '
         f'ms: median over {_PAIRS.value} fresh processes per framework of each one\'s median of '
-        f'{_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}')
+        f'{_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}; '
+        f'{time.strftime("%Y-%m-%d %H:%M")}, 1-min load {load_before:.1f} before, '
+        f'{os.getloadavg()[0]:.1f} after')
   print('| layer | XLA ops | fast_ops | PyTorch | fast_ops/PyTorch time |')
   print('|---|---|---|---|---|')
-  totals = dict.fromkeys(('lax', 'fast_ops', 'torch'), 0.0)
-  for layer in layers:
-    t = {impl: median[layer, impl] for impl in totals}
-    for k in totals:
-      totals[k] += t[k]
-    print(f"| {layer} | {t['lax'] * 1e3:.0f} | {t['fast_ops'] * 1e3:.0f} | "
+  impls = [impl for names in _IMPLEMENTATIONS.values() for impl in names]
+  rows = [(layer, {impl: median[layer, impl] for impl in impls}) for layer in layers]
+  rows.append(('total', {impl: sum(t[impl] for _, t in rows) for impl in impls}))
+  for name, t in rows:
+    print(f"| {name} | {t['lax'] * 1e3:.0f} | {t['fast_ops'] * 1e3:.0f} | "
           f"{t['torch'] * 1e3:.0f} | {t['fast_ops'] / t['torch']:.2f} |")
-  print(f"| total | {totals['lax'] * 1e3:.0f} | {totals['fast_ops'] * 1e3:.0f} | "
-        f"{totals['torch'] * 1e3:.0f} | {totals['fast_ops'] / totals['torch']:.2f} |")
 
 
 if __name__ == '__main__':

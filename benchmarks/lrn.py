@@ -132,23 +132,18 @@ def check_agreement(shape) -> None:
       raise RuntimeError(f'{name} disagrees with torch: rel. error y {y_err:.1e}, dx {dx_err:.1e}')
 
 
-def time_interleaved(steps, rounds, warmup):
-  """Runs each step once per round in turn; returns {name: [seconds per round]}."""
-  times = {name: [] for name in steps}
-  for round_index in range(warmup + rounds):
-    for name, step in steps.items():
-      start = time.perf_counter()
-      step()
-      if round_index >= warmup:
-        times[name].append(time.perf_counter() - start)
-  return times
-
-
 def time_framework(framework: str, shapes, rounds: int, warmup: int) -> dict:
   """{shape as text: {contender: median ms}} of one framework's contenders, in this process."""
-  return {str(list(shape)): {name: 1e3 * statistics.median(t) for name, t in
-                             time_interleaved(steps_of(framework, shape), rounds, warmup).items()}
-          for shape in shapes}
+  medians = {}
+  for shape in shapes:
+    steps = steps_of(framework, shape)
+    for _ in range(warmup):  # Compiles.
+      for step in steps.values():
+        step()
+    runners = {name: (lambda n, s=step: [s() for _ in range(n)]) for name, step in steps.items()}
+    medians[str(list(shape))] = {name: 1e3 * statistics.median(t) for name, t in
+                                 timing.time_interleaved(runners, rounds, 1).items()}
+  return medians
 
 
 def report(shapes, results: dict, rounds: int, warmup: int, pairs: int) -> None:
@@ -187,8 +182,8 @@ def main():
         f'{platform.release()}; python {platform.python_version()}, {timing.versions()}, '
         f'numpy {np.__version__}; {time.strftime("%Y-%m-%d %H:%M")}, 1-min load '
         f'{os.getloadavg()[0]:.1f}')
-  for spatial, channels in ((55, 96), (27, 256)):
-    check_agreement((2, spatial, spatial, channels))
+  for shape in shapes:
+    check_agreement((2,) + shape[1:])
   argv = [a for a in sys.argv[1:] if not a.startswith('--child')]
   results = timing.run_alternating(
       {f: ['-m', 'benchmarks.lrn', *argv, f'--child={f}'] for f in ('jax', 'torch')}, args.pairs,

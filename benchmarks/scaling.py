@@ -53,7 +53,7 @@ import train_step  # benchmarks/train_step.py: its flags, config, state and step
 from alexnet_jax import data_sources
 from alexnet_jax import input_pipeline
 from alexnet_jax import parallel
-from benchmarks.timing import time_interleaved
+from benchmarks import timing
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 _DEVICES = flags.DEFINE_list('devices', ['1', '2', '4', '8'],
@@ -75,15 +75,15 @@ _BYTES = {'f32': 4, 'bf16': 2, 'f16': 2, 's32': 4, 'pred': 1}
 def median_rate(run: Callable[[int], None], batch_size: int) -> float:
   """Median images/s of run(FLAGS.steps) over FLAGS.rounds rounds, after FLAGS.warmup steps."""
   run(FLAGS.warmup)
-  seconds = time_interleaved({'run': run}, FLAGS.rounds, FLAGS.steps)['run']
+  seconds = timing.time_interleaved({'run': run}, FLAGS.rounds, FLAGS.steps)['run']
   return batch_size * FLAGS.steps / statistics.median(seconds)
 
 
 def measure(num_devices: int, batch_size: int) -> float:
   """Images/s of the step alone, on device-resident data."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+  config = timing.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
                                   FLAGS.parallelism)
-  return median_rate(train_step.jax_runner(config, FLAGS.mode, train_step.make_batch(config),
+  return median_rate(train_step.jax_runner(config, FLAGS.mode, timing.make_batch(config),
                                            train_step.create_state(config, FLAGS.mode)),
                      batch_size)
 
@@ -91,15 +91,11 @@ def measure(num_devices: int, batch_size: int) -> float:
 def collectives(num_devices: int, batch_size: int) -> list[str]:
   """Table rows of the collectives in the compiled step: kind, result shape, MB per device,
   KB per image of the device's slice of the batch, and the layer (jax op name) it serves."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+  config = timing.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
                                   FLAGS.parallelism)
-  data_parallel = parallel.create(config.parallelism, parallel.select_devices(num_devices),
-                                  config.model_parallel_size)
-  step = train_step.jax_step(config, FLAGS.mode, data_parallel)
-  keys = ('image', 'label', 'mask') if FLAGS.mode == 'eval' else ('image', 'label')
-  batch = train_step.make_batch(config)
-  text = step.lower(data_parallel.put_state(train_step.create_state(config, FLAGS.mode)),
-                    data_parallel.put_batch({k: batch[k] for k in keys})).compile().as_text()
+  step, state, batch = train_step.on_devices(config, FLAGS.mode, timing.make_batch(config),
+                                             train_step.create_state(config, FLAGS.mode))
+  text = step.lower(state, batch).compile().as_text()
   # Under 'model' the devices of a mesh row share their slice of the batch.
   model_size = config.model_parallel_size if config.parallelism == 'model' else 1
   per_device_batch = batch_size * model_size // num_devices
@@ -116,7 +112,7 @@ def collectives(num_devices: int, batch_size: int) -> list[str]:
 
 def folder_config(num_devices: int, batch_size: int):
   """The benchmark's config reading the training split of the image folder --data_dir."""
-  config = train_step.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
+  config = timing.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
                                   FLAGS.parallelism)
   config.dataset, config.data_dir, config.train_split = 'folder', _DATA_DIR.value, 'train'
   config.eval_split = 'train'  # Nothing is evaluated; the folder needs no other split.
@@ -174,7 +170,7 @@ def main(argv: list[str]) -> None:
                      f'--xla_force_host_platform_device_count=N before running.')
   print(f'{FLAGS.variant} {FLAGS.mode}, {FLAGS.dtype}, {FLAGS.parallelism}, '
         f'{train_step.machine()}, '
-        f'{train_step.versions()}, {time.strftime("%Y-%m-%d %H:%M")}, 1-min load '
+        f'{timing.versions()}, {time.strftime("%Y-%m-%d %H:%M")}, 1-min load '
         f'{os.getloadavg()[0]:.1f}; {FLAGS.rounds} rounds x {FLAGS.steps} steps')
   with_data = _DATA_DIR.value is not None
   if with_data and FLAGS.mode != 'train':
@@ -184,7 +180,7 @@ def main(argv: list[str]) -> None:
                             if with_data else ''))
   print('|---' * (7 if with_data else 5) + '|')
   single, pipeline = {}, {}
-  model_size = train_step.make_config(FLAGS.variant, 1, FLAGS.dtype, 1,
+  model_size = timing.make_config(FLAGS.variant, 1, FLAGS.dtype, 1,
                                       FLAGS.parallelism).model_parallel_size
   for batch_size in batches:
     for count in devices:

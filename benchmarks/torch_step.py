@@ -102,15 +102,17 @@ def main(spec: dict) -> None:
     raise SystemExit('JAX runs on a GPU but this PyTorch build sees no CUDA device; install a '
                      'CUDA build of torch, or run on CPU with JAX_PLATFORMS=cpu.')
   configure(device, spec['tf32'])
-  config = timing.make_config(spec['variant'], spec['batch'], spec['dtype'], 1)
-  config.image_size, config.num_classes = spec['image_size'], spec['num_classes']
+  config = timing.make_config(spec['variant'], spec['batch'], spec['dtype'], 1,
+                              image_size=spec['image_size'], num_classes=spec['num_classes'])
   batch = timing.make_batch(config)
 
   def build():
     run = torch_runner(config, spec['mode'], batch, None, device, spec['channels_last'],
                        spec['compile'])
     return run, (torch.cuda.max_memory_allocated if device == 'cuda' else None)
-  timing.print_result(timing.measure_alone(build, spec['warmup'], spec['steps']))
+  result = timing.measure_alone(build, spec['warmup'], spec['steps'])
+  result['device'] = torch.cuda.get_device_name() if device == 'cuda' else timing.cpu_name()
+  timing.print_result(result)
 
 
 if __name__ == '__main__':

@@ -16,7 +16,8 @@ Markdown row for docs/benchmarks.md.
 
 `--processes=shared` instead runs both frameworks in this one process, in interleaved rounds
 of `--steps` steps with the same weights: labelled as such, it is not what a user gets (two
-thread pools in one process; PyTorch measured ~17% slower there than alone on 2 cores).
+thread pools in one process; issue 19's harness measured PyTorch ~17% slower there than
+alone on 2 cores).
 
 The JAX step is `train.train_step` / `train.eval_step` under `config.parallelism` with the
 state donated, exactly as the training loop runs it (so it includes the loop's loss / top-1 /
@@ -55,7 +56,7 @@ from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
 from benchmarks import timing
-from benchmarks.timing import make_batch, make_config, versions  # scaling.py uses them here.
+from benchmarks.timing import make_batch, make_config, versions
 # pylint: enable=g-import-not-at-top,g-bad-import-order
 
 FRAMEWORKS = ('jax', 'torch')
@@ -64,7 +65,7 @@ FRAMEWORKS = ('jax', 'torch')
 _H100_PEAK_FLOPS = {'bfloat16': 989e12, 'tf32': 494e12, 'float32': 67e12}
 
 _VARIANT = flags.DEFINE_enum('variant', 'paper', models.VARIANTS, 'AlexNet variant.')
-_BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size (224 px images, 1000 classes).')
+_BATCH = flags.DEFINE_integer('batch', 64, 'Global batch size.')
 _IMAGE_SIZE = flags.DEFINE_integer(
     'image_size', 224, 'Input size; 64 is the embedded digits default (configs/default.py).')
 _NUM_CLASSES = flags.DEFINE_integer('num_classes', 1000, 'Output classes (digits: 10).')
@@ -103,10 +104,8 @@ _CHILD = flags.DEFINE_bool('child', False,
 
 def benchmark_config():
   """`make_config` of the flags, at their image size and class count."""
-  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
-                       _PARALLELISM.value)
-  config.image_size, config.num_classes = _IMAGE_SIZE.value, _NUM_CLASSES.value
-  return config
+  return make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
+                     _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
 
 
 def create_state(config, mode: str):
@@ -135,26 +134,31 @@ def jax_step(config, mode: str, data_parallel: parallel.DataParallel):
       normalization=normalization), donate_state=True)
 
 
-def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
-  """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
+def on_devices(config, mode: str, batch: dict[str, np.ndarray], state):
+  """(the mapped step, the state on the devices, the batch on the devices) of `jax_step`,
+  with the batch keys the loop's step gets in `mode`."""
   data_parallel = parallel.create(config.parallelism, parallel.select_devices(config.num_devices),
                                   config.model_parallel_size)
-  step = jax_step(config, mode, data_parallel)
   keys = ('image', 'label', 'mask') if mode == 'eval' else ('image', 'lighting', 'label')
-  device_batch = jax.block_until_ready(data_parallel.put_batch({k: batch[k] for k in keys}))
-  replicated = [data_parallel.put_state(state)]
-  compiled = []
+  return (jax_step(config, mode, data_parallel), data_parallel.put_state(state),
+          jax.block_until_ready(data_parallel.put_batch({k: batch[k] for k in keys})))
+
+
+def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
+  """Returns run(n): n JAX steps on device-resident data, blocking at the end."""
+  step, device_state, device_batch = on_devices(config, mode, batch, state)
+  first = True
 
   def run(n: int) -> None:
+    nonlocal device_state, first
     for _ in range(n):
       if mode == 'eval':
-        out = step(replicated[0], device_batch)
+        out = step(device_state, device_batch)
       else:
-        replicated[0], out = step(replicated[0], device_batch)
-      if not compiled:  # As the training loop does after its first step.
-        jax.block_until_ready(out)
-        host_memory.release_freed()
-        compiled.append(True)
+        device_state, out = step(device_state, device_batch)
+      if first:  # As the training loop does after its first step.
+        host_memory.release_freed(after=out)
+        first = False
     jax.block_until_ready(out)
   return run
 
@@ -182,9 +186,9 @@ def configure_precision(tf32: str) -> None:
 
 def jax_child(config) -> None:
   """A fresh JAX process: measures the step alone and prints the result."""
-  # The normalisation constants come through the input pipeline, which imports TensorFlow
-  # (~480 MiB resident): imported before the baseline, as torch is in its process, so that
-  # the peak is the step's.
+  # The normalisation constants come through the input pipeline, which imports TensorFlow:
+  # imported before the baseline, as torch is in its process, so that the peak is the step's
+  # (torchvision train peaked at 1,877 MiB with the import counted, 1,390 without).
   normalize.for_config(config)
 
   def build():
@@ -206,25 +210,24 @@ def torch_spec(device: str) -> dict:
           'compile': _TORCH_COMPILE.value}
 
 
-def run_fresh() -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
-  """Alternating fresh processes; returns per-process median step seconds, peak MiB, device."""
-  jax_command = [__file__, *[a for a in sys.argv[1:] if not a.startswith('--child')],
-                 '--child']
-  commands = {'jax': jax_command}
-  if 'torch' in _FRAMEWORKS.value:
-    torch_script = str(pathlib.Path(__file__).with_name('torch_step.py'))
-    commands['torch'] = [torch_script, json.dumps(torch_spec(jax_backend_device()))]
-  results = timing.run_alternating(commands, _PAIRS.value, describe)
+def run_fresh(gpu: bool) -> tuple[dict[str, list[float]], dict[str, list[dict]], str]:
+  """Alternating fresh processes; returns per-process median step seconds, the processes'
+  results (memory), and the device."""
+  commands = {
+      'jax': [__file__, *[a for a in sys.argv[1:] if not a.startswith('--child')], '--child'],
+      'torch': [str(pathlib.Path(__file__).with_name('torch_step.py')),
+                json.dumps(torch_spec('cuda' if gpu else 'cpu'))]}
+  results = timing.run_alternating({f: commands[f] for f in _FRAMEWORKS.value}, _PAIRS.value,
+                                   describe)
   seconds = {n: [statistics.median(r['step_seconds']) for r in rs] for n, rs in results.items()}
-  peaks = {n: [r['peak_mib'] for r in rs] for n, rs in results.items()}
-  return seconds, peaks, results['jax'][0]['device']
+  return seconds, results, next(iter(results.values()))[0]['device']
 
 
-def jax_backend_device() -> str:
-  """'cuda' where a fresh JAX process runs on a GPU, else 'cpu' (JAX is not started here)."""
+def jax_on_gpu() -> bool:
+  """Whether a fresh JAX process runs on a GPU (asked there: JAX is not started here)."""
   out = subprocess.run([sys.executable, '-c', 'import jax; print(jax.default_backend())'],
                        capture_output=True, text=True, check=True)
-  return 'cuda' if out.stdout.split()[-1] == 'gpu' else 'cpu'
+  return out.stdout.split()[-1] == 'gpu'
 
 
 def describe(name: str, result: dict) -> str:
@@ -242,7 +245,7 @@ def run_shared() -> tuple[dict[str, list[float]], dict[str, list[float]], str]:
   state = create_state(config, _MODE.value)
   runners = {}
   if 'torch' in _FRAMEWORKS.value:
-    import torch_step  # pylint: disable=g-import-not-at-top
+    from benchmarks import torch_step  # pylint: disable=g-import-not-at-top
     from alexnet_jax import convert  # pylint: disable=g-import-not-at-top
     device = 'cuda' if jax.default_backend() == 'gpu' else 'cpu'
     torch_step.configure(device, _TF32.value)
@@ -272,7 +275,8 @@ def check_flags() -> None:
                      f'add --frameworks=jax, or use benchmarks/scaling.py.')
   for flag in (_PAIRS, _ROUNDS, _STEPS, _WARMUP, _BATCH, _IMAGE_SIZE, _NUM_CLASSES):
     if flag.value < (0 if flag is _WARMUP else 1):
-      raise ValueError(f'--{flag.name}={flag.value} must be positive.')
+      raise ValueError(f'--{flag.name}={flag.value} must be '
+                       f'{"non-negative" if flag is _WARMUP else "positive"}.')
 
 
 def main(argv: list[str]) -> None:
@@ -283,26 +287,30 @@ def main(argv: list[str]) -> None:
     jax_child(benchmark_config())
     return
   load_before = os.getloadavg()[0]
-  seconds, peaks, device = run_fresh() if _PROCESSES.value == 'fresh' else run_shared()
-  report(seconds, peaks, device, (load_before, os.getloadavg()[0]))
+  gpu = jax_on_gpu() if _PROCESSES.value == 'fresh' else jax.default_backend() == 'gpu'
+  seconds, results, device = run_fresh(gpu) if _PROCESSES.value == 'fresh' else run_shared()
+  report(seconds, results, device, gpu, (load_before, os.getloadavg()[0]))
 
 
-def report(seconds: dict[str, list[float]], peaks: dict[str, list[float]], device: str,
-           load: tuple[float, float]) -> None:
+def report(seconds: dict[str, list[float]], results: dict[str, list[dict]], device: str,
+           gpu: bool, load: tuple[float, float]) -> None:
   """Prints each side's median and spread, the median per-pair ratio, MFU and a Markdown row.
 
   Args:
     seconds: framework -> seconds per step, one per process (fresh) or per round (shared).
-    peaks: framework -> peak MiB per process (fresh; empty for shared).
-    device: what the steps ran on.
+    results: framework -> each process's `timing.measure_alone` result (fresh; empty for
+      shared), for the peak memory of the steps and with compilation.
+    device: what the steps ran on; gpu: whether that is a GPU (MFU, TF32).
     load: the 1-min load average before and after.
   """
   fresh = _PROCESSES.value == 'fresh'
   rate = {name: [_BATCH.value / s for s in values] for name, values in seconds.items()}
   ratio = timing.pair_ratio(rate['jax'], rate['torch']) if len(rate) == 2 else None
+  peaks = {n: [r['peak_mib'] for r in rs] for n, rs in results.items()}
+  with_setup = {n: [r['peak_with_setup_mib'] for r in rs] for n, rs in results.items()}
   memory_ratio = timing.pair_ratio(peaks['jax'], peaks['torch']) if len(peaks) == 2 else None
   peak_flops = _PEAK_TFLOPS.value * 1e12
-  if not peak_flops and 'cores' not in device:
+  if not peak_flops and gpu:
     unit = 'tf32' if _DTYPE.value == 'float32' and _TF32.value != 'off' else _DTYPE.value
     peak_flops = _H100_PEAK_FLOPS[unit] * _NUM_DEVICES.value
   flops = flops_per_image(_VARIANT.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, _MODE.value)
@@ -327,7 +335,10 @@ def report(seconds: dict[str, list[float]], peaks: dict[str, list[float]], devic
     if peak_flops:
       line += f', MFU {statistics.median(values) * flops / peak_flops:.1%}'
     if name in peaks:
-      line += f', peak memory {statistics.median(peaks[name]):.0f} MiB median'
+      reset = all(r['peak_reset'] for r in results[name])
+      line += (f', peak memory {statistics.median(peaks[name]):.0f} MiB median '
+               f'({"the steps, compilation excluded" if reset else "whole run: peak not reset"}'
+               f'; {statistics.median(with_setup[name]):.0f} MiB with building and compiling)')
     print(line)
   if ratio is not None:
     pairs = ', '.join(f'{j / t:.2f}' for j, t in zip(rate['jax'], rate['torch']))

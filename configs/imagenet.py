@@ -78,7 +78,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout_rate = 0.5  # Paper.
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for speed on GPU/TPU.
   # Which convolution and max-pool programs (same numbers to rounding). 'xla': XLA's own ops,
-  # the network as written (cuDNN on GPU). 'cpu': fast_ops' forms, 1.6-4x faster on XLA:CPU.
+  # the network as written (cuDNN on GPU). 'cpu': fast_ops' forms; on a 2-core CPU the convs
+  # and pools took 2.1x (torchvision) and 4.2x (paper) less time (docs/benchmarks.md).
   # 'partitionable': grouped convs that split by group over the 'model' axis. 'auto' (ours):
   # 'partitionable' under parallelism='model', 'cpu' on a CPU backend, else 'xla'.
   config.model.ops = 'auto'

@@ -3,6 +3,7 @@ PyTorch's processes."""
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -60,3 +61,20 @@ def test_the_pytorch_process_times_its_steps_without_ever_importing_jax():
                            if l.startswith(timing.RESULT_PREFIX))[len(timing.RESULT_PREFIX):])
   assert len(result['step_seconds']) == 2 and min(result['step_seconds']) > 0
   assert result['peak_mib'] > 0
+
+
+def test_the_train_step_benchmark_runs_fresh_and_shared_end_to_end():
+  """The script's two modes at a tiny size: fresh processes print the per-pair ratio and the
+  memory of both; the same-process mode (run as a module) says it is one."""
+  tiny = ['--variant=paper', '--batch=2', '--image_size=64', '--num_classes=10', '--steps=1',
+          '--warmup=1']
+  fresh = subprocess.run([sys.executable, 'benchmarks/train_step.py', *tiny, '--pairs=1'],
+                         cwd=ROOT, capture_output=True, text=True, check=False)
+  assert fresh.returncode == 0, fresh.stderr[-3000:]
+  assert re.search(r'JAX / PyTorch speed, median of per-pair ratios: [\d.]+', fresh.stdout)
+  assert fresh.stdout.count('MiB with building and compiling') == 2
+  shared = subprocess.run([sys.executable, '-m', 'benchmarks.train_step', *tiny, '--rounds=1',
+                           '--processes=shared'], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
+  assert shared.returncode == 0, shared.stderr[-3000:]
+  assert 'SAME PROCESS' in shared.stdout and '(same process)' in shared.stdout

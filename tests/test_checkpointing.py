@@ -194,3 +194,19 @@ def test_unreadable_checkpoint_is_reported_as_such_and_nothing_moves(world_reada
   assert 'checkpoint of step 2' in result.stdout and 'PermissionError' in result.stdout
   assert 'nothing was changed' in result.stdout
   assert sorted(str(p) for p in tmp_path.rglob('*')) == before
+
+
+def test_the_closed_loop_filter_is_in_before_the_first_read(tmp_path, monkeypatch):
+  """TensorStore's late callbacks of a failed read can arrive before the failure reaches our
+  handler (the CI machine printed them so), so the filter must be in before any read."""
+  _save_steps(tmp_path, [1])
+  monkeypatch.setattr(sys, 'unraisablehook', sys.__unraisablehook__)
+  manager = checkpointing.create_manager(tmp_path, keep=5)
+  filtered_at_read = []
+  restore = manager.restore
+  def watched_restore(*args, **kwargs):
+    filtered_at_read.append(getattr(sys.unraisablehook, 'drops_closed_loop_callbacks', False))
+    return restore(*args, **kwargs)
+  monkeypatch.setattr(manager, 'restore', watched_restore)
+  checkpointing.restore_latest(manager, _state(0), CONFIG)
+  assert filtered_at_read and all(filtered_at_read)

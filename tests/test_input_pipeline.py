@@ -241,7 +241,6 @@ def test_fake_data():
 
 
 def test_fake_data_under_a_mean_image_subtracts_its_central_window(tmp_path):
-  from alexnet_jax import normalize  # pylint: disable=g-import-not-at-top
   config = imagenet.get_config()
   config.update(dataset='fake', image_size=4, resize_size=8, batch_size=2, eval_batch_size=2,
                 mean_subtraction='pixel', pca_lighting_std=0.0,
@@ -332,3 +331,12 @@ def test_training_decodes_carefully_from_the_first_bad_batch(
     assert f'batch of step {first_bad} does not decode' in caplog.text
   else:
     assert skipped[-1] == 0 and 'does not decode' not in caplog.text
+
+
+def test_an_eval_split_smaller_than_the_processes_is_refused_by_every_process(image_folder):
+  """11 val images over 12 processes: process 11 has a share of 1, yet it must refuse too (it
+  would wait for the others' collectives forever)."""
+  config = _folder_config(image_folder, eval_batch_size=12)
+  for index in (0, 11):
+    with pytest.raises(ValueError, match='has 11 examples, fewer than the 12 processes'):
+      input_pipeline.create_eval_iterator(config, process_index=index, process_count=12)

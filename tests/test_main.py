@@ -16,7 +16,8 @@ import time
 import numpy as np
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from conftest import REPO
+
 # Small enough to run in seconds, big enough to cross an epoch boundary (1437 // 48 = 29 steps)
 # and to exercise dropout, checkpoints every 4 steps and an eval.
 TINY = ['--config=configs/default.py', '--config.batch_size=48', '--config.eval_batch_size=96',

@@ -7,6 +7,7 @@ array's largest magnitude (measured: below 1e-6 of it).
 """
 
 import functools
+import re
 
 import jax
 from jax import lax
@@ -19,8 +20,9 @@ from alexnet_jax import parallel
 from alexnet_jax import train
 from test_train import tiny_config
 
-# (devices, model_parallel_size): the paper's two GPUs, and two of them side by side.
-MESHES = [(2, 2), (4, 2)]
+# Devices, split by model_parallel_size=MODEL: the paper's two GPUs, and two of them side by side.
+MODEL = 2
+DEVICES = [2, 4]
 
 
 def _config(parallelism: str, dropout_rate: float = 0.0):
@@ -46,12 +48,12 @@ def _grads_and_logits(state, batch):
 
 
 def _run(kind: str, num_devices: int, fn, config, batch, state=None):
-  """fn(state, batch) under `kind` on `num_devices` devices (model_parallel_size 2).
+  """fn(state, batch) under `kind` on `num_devices` devices (model_parallel_size MODEL).
 
   Returns:
     The host results, the `DataParallel` and the mapped fn (to run again without compiling).
   """
-  data_parallel = parallel.create(kind, parallel.select_devices(num_devices), 2)
+  data_parallel = parallel.create(kind, parallel.select_devices(num_devices), MODEL)
   if state is None:
     state = train.create_train_state(config, jax.random.PRNGKey(0))
   mapped = data_parallel.map(fn)
@@ -64,10 +66,26 @@ def single_device_grads(small_real_batch):
   return _run('mesh', 1, _grads_and_logits, _config('mesh'), small_real_batch)[0]
 
 
-@pytest.mark.parametrize('num_devices,model', MESHES)
-def test_logits_and_gradients_equal_one_devices(small_real_batch, single_device_grads,
-                                                num_devices, model):
-  del model  # Always 2: MESHES names the mesh.
+def test_only_conv3_the_fully_connected_layers_and_the_lrn_halo_communicate(small_real_batch):
+  """The paper's split on 1x2: the layers whose forward or backward moves data between the
+  halves, read from the compiled program's collectives (their jax op names). The grouped
+  convolutions (conv2, conv4, conv5) move nothing: with ops='cpu' they all-gather and
+  all-to-all (measured), which is why 'model' picks the partitionable form."""
+  config = _config('model')
+  data_parallel = parallel.create('model', parallel.select_devices(2), MODEL)
+  state = data_parallel.put_state(train.create_train_state(config, jax.random.PRNGKey(0)))
+  text = data_parallel.map(_grads_and_logits).lower(
+      state, data_parallel.put_batch(small_real_batch)).compile().as_text()
+  moved = set(re.findall(r' (all-gather|all-to-all|all-reduce|collective-permute)(?:-start)?\('
+                         r'.*op_name="[^"]*AlexNet\)+/(\w+)/', text))
+  assert {layer for _, layer in moved} == {'conv3', 'fc6', 'fc7', 'fc8', 'LocalResponseNorm_0',
+                                          'LocalResponseNorm_1'}, moved
+  assert 'all-to-all' not in {kind for kind, _ in moved}
+
+
+@pytest.mark.parametrize('num_devices', DEVICES)
+def test_logits_and_gradients_equal_a_single_devices(small_real_batch, single_device_grads,
+                                                     num_devices):
   (grads, logits), _, _ = _run('model', num_devices, _grads_and_logits, _config('model'),
                             small_real_batch)
   _close(logits, single_device_grads[1])
@@ -90,7 +108,7 @@ def _device_bytes(tree) -> dict[jax.Device, int]:
 
 def test_each_device_holds_half_of_every_layer():
   state = train.zeros_state(_config('model'))  # Shapes are what matter; nothing compiles.
-  data_parallel = parallel.create('model', parallel.select_devices(4), 2)
+  data_parallel = parallel.create('model', parallel.select_devices(4), MODEL)
   on_devices = data_parallel.put_state(state)
   assert dict(data_parallel.mesh.shape) == {'batch': 2, 'model': 2}
   for layer in ('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7', 'fc8'):
@@ -112,10 +130,10 @@ def test_train_step_equals_data_parallels_and_resumes_under_pmap(small_real_batc
   same masks: keyed by the index along 'batch'); its checkpoint resumes under pmap and the
   next step agrees again. (The 2-device mesh is covered by the logits and gradients test: a
   step compiles three times, 60 s on 2 shared cores.)"""
-  num_devices, model = MESHES[1]
+  num_devices = DEVICES[1]
   config = _config('model', dropout_rate=0.5)
   step = _train_step(config)
-  data_devices = num_devices // model
+  data_devices = num_devices // MODEL
   (state, metrics), data_parallel, mapped = _run('model', num_devices, step, config,
                                                  small_real_batch)
   (expected, expected_metrics), _, _ = _run('mesh', data_devices, step, _config('mesh', 0.5),

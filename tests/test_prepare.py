@@ -264,3 +264,14 @@ def test_two_processes_train_on_their_shares_deterministically_and_resume_exactl
     for batch in stream:  # Examples of its own share only (labels are what batches show).
       assert batch['image'].shape == (2, 63, 63, 3)
       assert np.all(np.bincount(batch['label'], minlength=CLASSES) <= share_labels)
+
+
+def test_metadata_of_an_older_prepare_is_one_clear_error(prepared, tmp_path):
+  old = tmp_path / 'old'
+  shutil.copytree(prepared, old)
+  metadata = json.loads((old / prepare.METADATA).read_text())
+  del metadata['splits']['train']['shard_sizes']
+  (old / prepare.METADATA).write_text(json.dumps(metadata))
+  source = data_sources.get_source(_config(old, dataset='prepared'))
+  with pytest.raises(ValueError, match='lacks the shard sizes.*into a new --output'):
+    source.files_read('train', 0, 2)

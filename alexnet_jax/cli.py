@@ -17,6 +17,7 @@ import jax
 from ml_collections import config_flags
 
 from alexnet_jax import checkpointing
+from alexnet_jax import fast_ops
 from alexnet_jax import train
 
 _COORDINATOR = flags.DEFINE_string(
@@ -91,13 +92,24 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def start() -> None:
-  """Starts a command: quiets Orbax, joins a multi-process run, logs on process 0 only."""
+  """Starts a command: picks XLA:CPU's convolution kernels, quiets Orbax, joins a
+  multi-process run, logs on process 0 only."""
+  _choose_cpu_convolutions()
   logging.get_absl_handler().addFilter(_QuietOrbax())
   _initialize_distributed()
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)
   logging.info('JAX %s on %d processes; local devices: %s', jax.__version__,
                jax.process_count(), jax.local_devices())
+
+
+def _choose_cpu_convolutions() -> None:
+  """Eigen's CPU convolutions (`fast_ops.XLA_FLAG`) unless --config.model.ops=xla asks for
+  XLA's defaults; before anything starts JAX's backends, which read the flag once. Commands
+  that read the config of a workdir (evaluate, predict) take Eigen's."""
+  config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
+  if config is None or config.model.ops != 'xla':
+    fast_ops.use_eigen_convolutions()
 
 
 @contextlib.contextmanager

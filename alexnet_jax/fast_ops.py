@@ -1,19 +1,21 @@
-"""Convolution and max-pool gradients in forms that XLA compiles well on CPU.
+"""Convolutions and max-pool gradients in forms that XLA compiles well on CPU.
 
 Same numbers as `lax.conv_general_dilated` and `nn.max_pool` (tests/test_fast_ops.py checks
 values and gradients against both and against PyTorch), different programs. On a 2-core CPU
-(jax 0.10.2, batch 64, 224 px) we measured:
+(jaxlib 0.10.2, batch 64, 224 px) we measured:
+  - XLA:CPU hands convolutions to YNNPACK by default; its own Eigen convolutions
+    (`XLA_FLAG`) are about twice as fast at AlexNet's shapes, forward and both gradients
+    (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms), and faster than
+    PyTorch's oneDNN ones (docs/benchmarks.md);
   - grouped convolution (`feature_group_count=2`): 5-9x slower than two convolutions on the
-    halves, forward and backward (conv2 fwd+bwd 8.0 s grouped vs 4.2 s split);
-  - the weight gradient, which XLA emits as one convolution whose "kernel" is the whole
-    output gradient: 4-5x slower than one matrix product per kernel row over contiguous
-    windows of the input (alone, batch 64: a conv2 half 1.59 s vs 0.23 s; conv1, stride 4,
-    0.81 s vs 0.38 s after space-to-depth);
+    halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.76 s grouped, 0.81 s
+    split);
   - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
-So for CPU we split groups, take weight gradients as matrix products and route the max-pool
-gradient with comparisons and strided pads. The model uses these only with
-`config.model.ops='cpu'` ('auto' on a CPU backend, `train.create_model`); elsewhere it keeps
-XLA's own ops, which cuDNN serves well (docs/benchmarks_gpu.md), and never traces these.
+So for CPU we take Eigen's convolutions, split groups and route the max-pool gradient with
+comparisons and strided pads. The model uses these only with `config.model.ops='cpu'`
+('auto' on a CPU backend, `train.create_model`); elsewhere it keeps XLA's own ops, which
+cuDNN serves well (docs/benchmarks_gpu.md), and never traces these. (An earlier version took
+weight gradients as matrix products, 4-5x faster than YNNPACK's; Eigen's are faster still.)
 
 `partitionable_conv_general_dilated` is the form for model parallelism (the paper's two GPUs,
 `config.parallelism='model'`): XLA's SPMD partitioner (Shardy or GSPMD, jax 0.10.2) all-gathers
@@ -23,6 +25,7 @@ groups into the batch (`batch_group_count`) lets every device convolve its own g
 """
 
 import functools
+import os
 from typing import Sequence
 
 import jax
@@ -30,6 +33,25 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+# Takes convolutions out of XLA:CPU's default YNNPACK fusions, back to its Eigen kernels.
+XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+
+
+def use_eigen_convolutions() -> None:
+  """Adds `XLA_FLAG` to the XLA_FLAGS environment variable, if it is not there yet.
+
+  XLA reads XLA_FLAGS once, when JAX starts its CPU backend, and for the whole process: call
+  this before the first use of a device (the commands do, in `cli.start`). The flag touches
+  only XLA:CPU's convolutions; GPU programs ignore it.
+  """
+  if not eigen_convolutions_requested():
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}".strip()
+
+
+def eigen_convolutions_requested() -> bool:
+  """Whether XLA_FLAGS holds `XLA_FLAG` (it took effect if it was there when JAX started)."""
+  return XLA_FLAG in os.environ.get('XLA_FLAGS', '').split()
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -81,8 +103,7 @@ def partitionable_conv_general_dilated(lhs: jax.Array, rhs: jax.Array,
   With the channels of `lhs` and the output features of `rhs` split over a mesh axis into as
   many parts as there are groups (or a multiple), each device convolves its groups with no
   communication, forward and backward. Stride-1 NHWC grouped convolutions (the paper's conv2,
-  conv4, conv5) take that form; every other one is lax's own: the CPU weight gradient above
-  loops over kernel rows, and the partitioner gathered conv3's input again in every iteration.
+  conv4, conv5) take that form; every other one is lax's own.
 
   Args, Returns: as `conv_general_dilated`.
   """
@@ -148,89 +169,8 @@ def _grouped_conv(x: jax.Array, w: jax.Array, *, strides, padding, groups, preci
   xs = jnp.split(x, groups, axis=-1)
   ws = jnp.split(w, groups, axis=-1)
   return jnp.concatenate(
-      [_conv(a, b, strides, padding, precision) for a, b in zip(xs, ws)], axis=-1)
-
-
-def _lax_nhwc_conv(x, w, strides, padding, precision):
-  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC,
-                                  precision=precision)
-
-
-_conv = jax.custom_vjp(_lax_nhwc_conv, nondiff_argnums=(2, 3, 4))
-
-
-def _conv_fwd(x, w, strides, padding, precision):
-  return _conv(x, w, strides, padding, precision), (x, w)
-
-
-def _conv_bwd(strides, padding, precision, residuals, g):
-  x, w = residuals
-  _, vjp = jax.vjp(lambda x: _lax_nhwc_conv(x, w, strides, padding, precision), x)
-  grad_x, = vjp(g)  # Unused for the first layer (the images): XLA drops it.
-  return grad_x, _weight_grad(x, g, w.shape, strides, padding, precision)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
-
-
-def _weight_grad(x, g, kernel_shape, strides, padding, precision):
-  """dL/dw of an NHWC/HWIO convolution as a few large matrix products.
-
-  A strided convolution is first rewritten as a stride-1 one (space-to-depth): the input's
-  s x s phases become channels, and the kernel's taps regroup into ceil(k / s) per phase.
-
-  Args:
-    x: [N, H, W, C_in] input; g: [N, H', W', C_out] output gradient.
-  Returns:
-    [kh, kw, C_in, C_out].
-  """
-  kh, kw = kernel_shape[:2]
-  sh, sw = strides
-  n, oh, ow, o = g.shape
-  c = x.shape[3]
-  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-  if (sh, sw) == (1, 1):
-    return _stride1_weight_grad(xp, g, kh, kw, precision)
-  th, tw = -(-kh // sh), -(-kw // sw)  # Taps per phase.
-  h2, w2 = oh + th - 1, ow + tw - 1
-  # Crop or zero-pad to whole phases: rows past s * h2 never meet a kernel tap.
-  xp = lax.pad(xp[:, :sh * h2, :sw * w2], jnp.zeros((), xp.dtype),
-               ((0, 0, 0), (0, max(0, sh * h2 - xp.shape[1]), 0),
-                (0, max(0, sw * w2 - xp.shape[2]), 0), (0, 0, 0)))
-  phases = xp.reshape(n, h2, sh, w2, sw, c).transpose(0, 1, 3, 2, 4, 5)
-  grad = _stride1_weight_grad(phases.reshape(n, h2, w2, sh * sw * c), g, th, tw, precision)
-  grad = grad.reshape(th, tw, sh, sw, c, o).transpose(0, 2, 1, 3, 4, 5)
-  return grad.reshape(th * sh, tw * sw, c, o)[:kh, :kw]
-
-
-def _stride1_weight_grad(xp, g, kh, kw, precision):
-  """dL/dw[i, j] = sum over n, h, w of xp[n, h + i, w + j, :]^T g[n, h, w, :] (stride 1).
-
-  In a [C, Hp * Wp, N] layout of the padded input, the window of tap (i, j) is one contiguous
-  slice starting at i * Wp + j, if the output gradient is widened to Wp columns with zeros
-  (they cancel the columns that wrap around). Each kernel row is then one matrix product of
-  [kw * C, H' * Wp * N] by [H' * Wp * N, C_out]: long contiguous copies and a large product,
-  where XLA:CPU's own weight-gradient convolution is 4-5x slower.
-
-  Args:
-    xp: [N, Hp, Wp, C_in] padded input; g: [N, Hp - kh + 1, Wp - kw + 1, C_out].
-  Returns:
-    [kh, kw, C_in, C_out].
-  """
-  n, oh, ow, o = g.shape
-  hp, wp, c = xp.shape[1:]
-  rows = oh * wp
-  flat = jnp.pad(xp.transpose(3, 1, 2, 0).reshape(c, hp * wp, n), ((0, 0), (0, kw - 1), (0, 0)))
-  g_flat = jnp.pad(g, ((0, 0), (0, 0), (0, wp - ow), (0, 0))).transpose(1, 2, 0, 3)
-  g_flat = g_flat.reshape(rows * n, o)
-
-  def kernel_row(_, i):
-    # A loop, not unrolled: one row's windows are alive at a time (tens of MB each).
-    windows = jnp.stack([lax.dynamic_slice_in_dim(flat, i * wp + j, rows, axis=1)
-                         for j in range(kw)])
-    return None, jnp.dot(windows.reshape(kw * c, rows * n), g_flat,
-                         precision=precision).reshape(kw, c, o)
-  return lax.scan(kernel_row, None, jnp.arange(kh))[1].astype(xp.dtype)
+      [lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_NHWC,
+                                precision=precision) for a, b in zip(xs, ws)], axis=-1)
 
 
 def max_pool(x: jax.Array, window: int, stride: int) -> jax.Array:

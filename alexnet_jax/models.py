@@ -304,9 +304,9 @@ class AlexNet(nn.Module):
     input_channels: channels C of the images (3: RGB, 1: grey); conv1's kernel sees C.
     ops: the convolution and max-pool programs, the same numbers to float rounding (`OPS`):
       'xla' XLA's own (`lax.conv_general_dilated`, `nn.max_pool`: the network as written);
-      'cpu' `fast_ops`' forms for XLA:CPU (split groups, matrix-product weight gradients,
-      routed max-pool gradient); 'partitionable' grouped convolutions that split over
-      devices by group (`fast_ops.partitionable_conv_general_dilated`, for
+      'cpu' `fast_ops`' forms for XLA:CPU (split groups, routed max-pool gradient; Eigen's
+      convolutions where `fast_ops.XLA_FLAG` was set); 'partitionable' grouped convolutions
+      that split over devices by group (`fast_ops.partitionable_conv_general_dilated`, for
       `config.parallelism='model'`), slower on one device.
   """
   num_classes: int = 1000

@@ -31,6 +31,7 @@ import optax
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
 from alexnet_jax import convert
+from alexnet_jax import fast_ops
 from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import normalize
@@ -54,12 +55,17 @@ class TrainState(train_state.TrainState):
 
 def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
   """The AlexNet that `config.model` and `config.num_classes` describe."""
-  m = config.model
+  m, ops = config.model, model_ops(config)
+  if ops == 'cpu' and not fast_ops.eigen_convolutions_requested():
+    logging.log_first_n(
+        logging.WARNING, 'XLA:CPU compiles the convolutions with YNNPACK, about half as fast '
+        'as with Eigen: set XLA_FLAGS=%s (or call fast_ops.use_eigen_convolutions()) before '
+        'JAX starts.', 1, fast_ops.XLA_FLAG)
   return models.AlexNet(
       num_classes=config.num_classes, variant=m.variant, dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(m.dtype), init_scheme=m.init, lrn_depth_radius=m.lrn_depth_radius,
       lrn_bias=m.lrn_bias, lrn_alpha=m.lrn_alpha, lrn_beta=m.lrn_beta,
-      conv1_padding=m.conv1_padding, input_channels=config.input_channels, ops=model_ops(config))
+      conv1_padding=m.conv1_padding, input_channels=config.input_channels, ops=ops)
 
 
 def model_ops(config: ml_collections.ConfigDict) -> str:

@@ -11,8 +11,9 @@ goes; docs/benchmarks.md quotes it.
 
 JAX and PyTorch run in fresh processes of their own (`--pairs` each, alternating; PyTorch's
 never imports JAX); inside the JAX ones XLA's ops and fast_ops alternate round by round within
-each layer. Each
-layer's figure is the median over processes of each process's median round.
+each layer, both with XLA:CPU's Eigen convolutions (as the commands run them; `--convolutions=
+ynnpack`: XLA's default kernels). Each layer's figure is the median over processes of each
+process's median round.
 """
 
 import json
@@ -38,6 +39,10 @@ _PAIRS = flags.DEFINE_integer('pairs', 2, 'Fresh processes per framework, altern
 _CHILD = flags.DEFINE_enum('child', None, ('jax', 'torch'),
                            'Internal: time one framework in this process and print the result.')
 _LAYERS = flags.DEFINE_string('layers', None, 'Internal: the layers to time, as JSON.')
+_CONVOLUTIONS = flags.DEFINE_enum(
+    'convolutions', 'eigen', ('eigen', 'ynnpack'),
+    "XLA:CPU's convolution kernels in the JAX processes, both columns: eigen (fast_ops.XLA_FLAG, "
+    "what the commands set) or ynnpack (XLA's default).")
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Per framework, the implementations it times.
@@ -141,6 +146,9 @@ def profile(framework: str, layers: list[dict], rounds: int) -> dict[str, dict[s
 def main(argv):
   del argv
   if _CHILD.value:
+    if _CHILD.value == 'jax' and _CONVOLUTIONS.value == 'eigen':
+      from alexnet_jax import fast_ops  # pylint: disable=g-import-not-at-top
+      fast_ops.use_eigen_convolutions()  # Before JAX starts.
     timing.print_result(profile(_CHILD.value, json.loads(_LAYERS.value), _ROUNDS.value))
     return
   load_before = os.getloadavg()[0]
@@ -155,7 +163,7 @@ def main(argv):
             for framework, impls in _IMPLEMENTATIONS.items() for impl in impls
             for layer in layers}
   print(f'{_VARIANT.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, forward + backward, '
-        f'ms: median over {_PAIRS.value} fresh processes per framework of each one\'s median of '
+        f'JAX convolutions in {_CONVOLUTIONS.value}, ms: median over {_PAIRS.value} fresh processes per framework of each one\'s median of '
         f'{_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}; '
         f'{time.strftime("%Y-%m-%d %H:%M")}, 1-min load {load_before:.1f} before, '
         f'{os.getloadavg()[0]:.1f} after')

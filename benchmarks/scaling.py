@@ -51,6 +51,7 @@ import numpy as np
 import train_step  # benchmarks/train_step.py: its flags, config, state and step runner.
 
 from alexnet_jax import data_sources
+from alexnet_jax import fast_ops
 from alexnet_jax import input_pipeline
 from alexnet_jax import parallel
 from benchmarks import timing
@@ -163,6 +164,8 @@ def main(argv: list[str]) -> None:
   del argv
   devices = parse_counts(_DEVICES.value, 'devices')
   batches = parse_counts(_BATCHES.value, 'batches')
+  if train_step.OPS.value != 'xla':  # As cli.start does, before JAX starts.
+    fast_ops.use_eigen_convolutions()
   available = jax.local_device_count()
   if max(devices) > available:
     raise ValueError(f'--devices asks for {max(devices)} devices but this host has {available} '

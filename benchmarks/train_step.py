@@ -49,6 +49,7 @@ from absl import flags
 import jax
 import numpy as np
 
+from alexnet_jax import fast_ops
 from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import normalize
@@ -87,6 +88,10 @@ _NUM_DEVICES = flags.DEFINE_integer(
     '--frameworks=jax (benchmarks/scaling.py compares device counts).')
 _PARALLELISM = flags.DEFINE_enum('parallelism', 'pmap', parallel.PARALLELISMS,
                                  "The JAX step's config.parallelism.")
+OPS = flags.DEFINE_enum(
+    'ops', 'auto', ('auto', 'cpu', 'xla', 'partitionable'),
+    "The JAX model's config.model.ops; as in the commands, all but 'xla' take XLA:CPU's Eigen "
+    'convolutions (fast_ops.XLA_FLAG).')
 _FRAMEWORKS = flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which of jax, torch to run.')
 _TF32 = flags.DEFINE_enum(
     'tf32', 'on', ('on', 'off', 'default'),
@@ -104,8 +109,10 @@ _CHILD = flags.DEFINE_bool('child', False,
 
 def benchmark_config():
   """`make_config` of the flags, at their image size and class count."""
-  return make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
-                     _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
+  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
+                       _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
+  config.model.ops = OPS.value
+  return config
 
 
 def create_state(config, mode: str):
@@ -161,7 +168,6 @@ def jax_runner(config, mode: str, batch: dict[str, np.ndarray], state):
         first = False
     jax.block_until_ready(out)
   return run
-
 
 
 def machine() -> str:
@@ -282,6 +288,8 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   check_flags()
+  if OPS.value != 'xla':  # As cli.start does, before JAX starts.
+    fast_ops.use_eigen_convolutions()
   configure_precision(_TF32.value)
   if _CHILD.value:
     jax_child(benchmark_config())

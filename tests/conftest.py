@@ -1,7 +1,8 @@
 """Shared test fixtures.
 
-Tests run on 4 fake CPU devices so that pmap and the collectives really run; the flag has to be
-set before JAX is first imported, which is why it lives here.
+Tests run on 4 fake CPU devices so that pmap and the collectives really run, with XLA:CPU's
+Eigen convolutions as the commands take them; the flags have to be set before JAX starts its
+backend, which is why they live here.
 """
 
 import os
@@ -11,6 +12,10 @@ os.environ['XLA_FLAGS'] = (
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pathlib  # pylint: disable=g-import-not-at-top
+
+from alexnet_jax import fast_ops  # pylint: disable=g-import-not-at-top
+
+fast_ops.use_eigen_convolutions()  # As the commands run (cli.start); before JAX starts.
 
 import pytest  # pylint: disable=g-import-not-at-top
 

@@ -1,4 +1,10 @@
-"""fast_ops' CPU forms give lax's and PyTorch's values and gradients."""
+"""fast_ops' CPU forms give lax's and PyTorch's values and gradients; the commands take
+XLA:CPU's Eigen convolutions."""
+
+import json
+import logging
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -9,6 +15,7 @@ import torch
 from jax import lax
 
 from alexnet_jax import fast_ops
+from conftest import REPO
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
@@ -36,8 +43,7 @@ def _torch_conv_grads(x, w, stride, pad, groups, cotangent):
 
 
 # (size, c_in, c_out, kernel, stride, pad, groups): conv1, conv2 and conv4 of the paper, small;
-# then strided ones whose padded input must be zero-padded (15) or cropped (30) to whole
-# stride phases for the space-to-depth weight gradient.
+# then strided ones whose padding leaves part of the input unread (15, 30).
 _CONVS = [(23, 3, 8, 11, 4, 2, 1), (9, 6, 8, 5, 1, 2, 2), (7, 8, 6, 3, 1, 1, 2),
           (7, 4, 5, 3, 1, 1, 1), (15, 3, 4, 5, 2, 1, 1), (30, 2, 3, 3, 4, 0, 1)]
 
@@ -98,8 +104,9 @@ def test_model_convolutions_take_the_cpu_path():
                  conv_general_dilated=fast_ops.conv_general_dilated)
   params = conv.init(jax.random.PRNGKey(0), x)
   jaxpr = str(jax.make_jaxpr(conv.apply)(params, x))
-  # The CPU branch: one custom-gradient convolution per group.
-  assert jaxpr.count('custom_vjp_call') == 2
+  # The CPU branch: one ungrouped convolution per group.
+  assert jaxpr.count('conv_general_dilated[') == 2
+  assert 'feature_group_count=1' in jaxpr and 'feature_group_count=2' not in jaxpr
 
 
 def test_ops_xla_traces_no_cpu_form_and_agrees_with_the_cpu_forms():
@@ -114,9 +121,10 @@ def test_ops_xla_traces_no_cpu_form_and_agrees_with_the_cpu_forms():
     model = models.AlexNet(num_classes=10, init_scheme='he', ops=ops)
     return lambda p: jnp.sum(model.apply({'params': p}, images, train=False) ** 2)
   jaxprs = {ops: str(jax.make_jaxpr(jax.grad(loss(ops)))(params)) for ops in ('xla', 'cpu')}
-  # fast_ops' convolution (its matrix-product weight gradient) is a jitted `_lax_nhwc_conv`;
-  # XLA's max-pool gradient is select_and_scatter_add, which fast_ops routes instead.
-  assert '_lax_nhwc_conv' in jaxprs['cpu'] and '_lax_nhwc_conv' not in jaxprs['xla']
+  # The paper's grouped convolutions, which fast_ops splits; XLA's max-pool gradient is
+  # select_and_scatter_add, which fast_ops routes instead.
+  assert 'feature_group_count=2' in jaxprs['xla']
+  assert 'feature_group_count=2' not in jaxprs['cpu']
   assert 'select_and_scatter_add' in jaxprs['xla']
   assert 'select_and_scatter_add' not in jaxprs['cpu']
   grads = {ops: jax.jit(jax.value_and_grad(loss(ops)))(params) for ops in ('xla', 'cpu')}
@@ -156,3 +164,48 @@ def test_partitionable_grouped_conv_matches_lax(groups, padding):
     return lambda x, w: jnp.sum(fn(x, w) * g)
   for a, b in zip(jax.grad(loss(mine), (0, 1))(x, w), jax.grad(loss(reference), (0, 1))(x, w)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+
+
+_KERNELS = r'''
+import json, os, sys
+from absl import flags
+from ml_collections import config_flags
+config_flags.DEFINE_config_file('config', None)
+flags.FLAGS(sys.argv)  # config_flags finds its overrides in sys.argv itself.
+from alexnet_jax import cli
+cli._choose_cpu_convolutions()  # pylint: disable=protected-access
+import jax, jax.numpy as jnp
+from jax import lax
+x, w = jnp.ones((8, 27, 27, 64)), jnp.ones((5, 5, 64, 192))  # conv2's (small ones stay in Eigen)
+conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''),
+                  'ynnpack': 'ynn_fusion' in conv.lower(x, w).compile().as_text(),
+                  'centre': float(conv(x, w)[0, 13, 13, 0])}))
+'''
+
+
+@pytest.mark.parametrize('ops', ['auto', 'xla'])
+def test_the_commands_take_eigen_convolutions_unless_ops_is_xla(ops, env):
+  """cli.start's choice, in a fresh process (XLA reads its flags once, at start): on this
+  machine XLA:CPU's default puts a conv2-sized convolution in a YNNPACK fusion (fails without
+  the flag), `fast_ops.XLA_FLAG` takes it out."""
+  result = json.loads(subprocess.run(
+      [sys.executable, '-c', _KERNELS, '--config=configs/default.py', f'--config.model.ops={ops}'],
+      cwd=REPO, env={**env, 'XLA_FLAGS': ''},
+      capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+  assert (fast_ops.XLA_FLAG in result['flags']) == (ops != 'xla')
+  if ops != 'xla':  # (Whether XLA's default takes YNNPACK may depend on the CPU: not asserted.)
+    assert not result['ynnpack']
+  assert result['centre'] == 5 * 5 * 64  # All-ones 5x5x64 window, either kernel library.
+
+
+def test_cpu_ops_without_the_flag_warn_how_to_set_it(monkeypatch, caplog):
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.ops = 'cpu'
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
+  with caplog.at_level(logging.WARNING):
+    train.create_model(config)
+  assert fast_ops.XLA_FLAG in caplog.text and 'YNNPACK' in caplog.text

@@ -108,8 +108,7 @@ def _choose_cpu_convolutions() -> None:
   XLA's defaults; before anything starts JAX's backends, which read the flag once. Commands
   that read the config of a workdir (evaluate, predict) take Eigen's."""
   config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
-  if config is None or config.model.ops != 'xla':
-    fast_ops.use_eigen_convolutions()
+  fast_ops.choose_convolutions('auto' if config is None else config.model.ops)
 
 
 @contextlib.contextmanager

@@ -3,13 +3,12 @@
 Same numbers as `lax.conv_general_dilated` and `nn.max_pool` (tests/test_fast_ops.py checks
 values and gradients against both and against PyTorch), different programs. On a 2-core CPU
 (jaxlib 0.10.2, batch 64, 224 px) we measured:
-  - XLA:CPU hands convolutions to YNNPACK by default; its own Eigen convolutions
-    (`XLA_FLAG`) are about twice as fast at AlexNet's shapes, forward and both gradients
-    (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms), and faster than
-    PyTorch's oneDNN ones (docs/benchmarks.md);
-  - grouped convolution (`feature_group_count=2`): 5-9x slower than two convolutions on the
-    halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.76 s grouped, 0.81 s
-    split);
+  - XLA:CPU hands large convolutions to YNNPACK by default; its own Eigen convolutions
+    (`XLA_FLAG`) are 1.3-2.5x faster at AlexNet's shapes, forward and both gradients
+    (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms; docs/benchmarks.md);
+  - grouped convolution (`feature_group_count=2`): 3.7-5.5x slower than two convolutions on the
+    halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.50 s grouped, 0.64 s
+    split; conv4 and conv5 3.7x and 5.3x);
   - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
 So for CPU we take Eigen's convolutions, split groups and route the max-pool gradient with
 comparisons and strided pads. The model uses these only with `config.model.ops='cpu'`
@@ -39,14 +38,23 @@ XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
 
 def use_eigen_convolutions() -> None:
-  """Adds `XLA_FLAG` to the XLA_FLAGS environment variable, if it is not there yet.
+  """Adds `XLA_FLAG` to the XLA_FLAGS environment variable, unless XLA_FLAGS already says
+  which fusions YNNPACK takes (the user's choice stands).
 
   XLA reads XLA_FLAGS once, when JAX starts its CPU backend, and for the whole process: call
   this before the first use of a device (the commands do, in `cli.start`). The flag touches
   only XLA:CPU's convolutions; GPU programs ignore it.
   """
-  if not eigen_convolutions_requested():
-    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_FLAG}".strip()
+  flags = os.environ.get('XLA_FLAGS', '')
+  if XLA_FLAG.split('=')[0] + '=' not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {XLA_FLAG}'.strip()
+
+
+def choose_convolutions(ops: str) -> None:
+  """`use_eigen_convolutions` for every `config.model.ops` but 'xla', which asks for XLA's
+  defaults, kernels included."""
+  if ops != 'xla':
+    use_eigen_convolutions()
 
 
 def eigen_convolutions_requested() -> bool:
@@ -60,7 +68,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
                          precision=None, **kwargs) -> jax.Array:
   """`lax.conv_general_dilated` with the CPU-friendly forms above (a drop-in for `nn.Conv`).
 
-  Only NHWC/HWIO convolutions without dilation and with explicit padding take the fast path;
+  Only grouped NHWC/HWIO convolutions without dilation and with explicit padding are split;
   anything else is passed to lax unchanged.
 
   Args:
@@ -71,7 +79,8 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
   Returns:
     [N, H', W', C_out].
   """
-  if not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers, kwargs):
+  if feature_group_count == 1 or not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation,
+                                                  dimension_numbers, kwargs):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,

@@ -57,10 +57,9 @@ def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
   """The AlexNet that `config.model` and `config.num_classes` describe."""
   m, ops = config.model, model_ops(config)
   if ops == 'cpu' and not fast_ops.eigen_convolutions_requested():
-    logging.log_first_n(
-        logging.WARNING, 'XLA:CPU compiles the convolutions with YNNPACK, about half as fast '
-        'as with Eigen: set XLA_FLAGS=%s (or call fast_ops.use_eigen_convolutions()) before '
-        'JAX starts.', 1, fast_ops.XLA_FLAG)
+    logging.warning('XLA:CPU compiles the convolutions with YNNPACK, about half as fast as '
+                    'with Eigen: set XLA_FLAGS=%s (or call fast_ops.use_eigen_convolutions()) '
+                    'before JAX starts.', fast_ops.XLA_FLAG)
   return models.AlexNet(
       num_classes=config.num_classes, variant=m.variant, dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(m.dtype), init_scheme=m.init, lrn_depth_radius=m.lrn_depth_radius,

@@ -151,6 +151,9 @@ def main(argv):
       fast_ops.use_eigen_convolutions()  # Before JAX starts.
     timing.print_result(profile(_CHILD.value, json.loads(_LAYERS.value), _ROUNDS.value))
     return
+  if 'xla_cpu_experimental_ynn_fusion_type' in os.environ.get('XLA_FLAGS', ''):
+    raise app.UsageError('XLA_FLAGS already chooses YNNPACK fusions; --convolutions does that '
+                         'here: unset that flag.')
   load_before = os.getloadavg()[0]
   layers_json = json.dumps(layer_list(_VARIANT.value, _BATCH.value, _IMAGE_SIZE.value))
   commands = {f: ['-m', 'benchmarks.layers', *sys.argv[1:], f'--child={f}',
@@ -163,8 +166,8 @@ def main(argv):
             for framework, impls in _IMPLEMENTATIONS.items() for impl in impls
             for layer in layers}
   print(f'{_VARIANT.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, forward + backward, '
-        f'JAX convolutions in {_CONVOLUTIONS.value}, ms: median over {_PAIRS.value} fresh processes per framework of each one\'s median of '
-        f'{_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}; '
+        f'JAX convolutions in {_CONVOLUTIONS.value}, ms: median over {_PAIRS.value} fresh '
+        f'processes per framework of each one\'s median of {_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}; '
         f'{time.strftime("%Y-%m-%d %H:%M")}, 1-min load {load_before:.1f} before, '
         f'{os.getloadavg()[0]:.1f} after')
   print('| layer | XLA ops | fast_ops | PyTorch | fast_ops/PyTorch time |')

@@ -26,13 +26,15 @@ RESULT_PREFIX = 'RESULT '
 
 
 def make_config(variant: str, batch: int, dtype: str, num_devices: int,
-                parallelism: str = 'pmap', image_size: int = 224, num_classes: int = 1000):
+                parallelism: str = 'pmap', image_size: int = 224, num_classes: int = 1000,
+                ops: str = 'auto'):
   """configs/imagenet.py with the benchmark's overrides (torch.optim.SGD semantics)."""
   config = imagenet.get_config()
   config.image_size, config.num_classes = image_size, num_classes
   config.parallelism = parallelism
   config.model.variant = variant
   config.model.dtype = dtype
+  config.model.ops = ops
   config.batch_size = config.eval_batch_size = batch
   config.num_devices = num_devices
   config.optimizer = 'sgd'

@@ -89,7 +89,7 @@ _NUM_DEVICES = flags.DEFINE_integer(
 _PARALLELISM = flags.DEFINE_enum('parallelism', 'pmap', parallel.PARALLELISMS,
                                  "The JAX step's config.parallelism.")
 OPS = flags.DEFINE_enum(
-    'ops', 'auto', ('auto', 'cpu', 'xla', 'partitionable'),
+    'ops', 'auto', ('auto', *models.OPS),
     "The JAX model's config.model.ops; as in the commands, all but 'xla' take XLA:CPU's Eigen "
     'convolutions (fast_ops.XLA_FLAG).')
 _FRAMEWORKS = flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which of jax, torch to run.')
@@ -109,10 +109,8 @@ _CHILD = flags.DEFINE_bool('child', False,
 
 def benchmark_config():
   """`make_config` of the flags, at their image size and class count."""
-  config = make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
-                       _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value)
-  config.model.ops = OPS.value
-  return config
+  return make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
+                     _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, OPS.value)
 
 
 def create_state(config, mode: str):
@@ -288,8 +286,7 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   check_flags()
-  if OPS.value != 'xla':  # As cli.start does, before JAX starts.
-    fast_ops.use_eigen_convolutions()
+  fast_ops.choose_convolutions(OPS.value)  # As cli.start does, before JAX starts.
   configure_precision(_TF32.value)
   if _CHILD.value:
     jax_child(benchmark_config())
@@ -326,6 +323,8 @@ def report(seconds: dict[str, list[float]], results: dict[str, list[dict]], devi
                                    ('compile', _TORCH_COMPILE.value)) if on]
   setting = (f'{_VARIANT.value} {_MODE.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, '
              f'{_DTYPE.value}, {_NUM_DEVICES.value} device(s)')
+  if OPS.value != 'auto':
+    setting += f', ops {OPS.value}'
   if peak_flops:
     setting += f', tf32 {_TF32.value}'
   if torch_options:

@@ -3,6 +3,7 @@ XLA:CPU's Eigen convolutions."""
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -43,7 +44,7 @@ def _torch_conv_grads(x, w, stride, pad, groups, cotangent):
 
 
 # (size, c_in, c_out, kernel, stride, pad, groups): conv1, conv2 and conv4 of the paper, small;
-# then strided ones whose padding leaves part of the input unread (15, 30).
+# then other strides (2; and 4 with rows that no window reads, 30).
 _CONVS = [(23, 3, 8, 11, 4, 2, 1), (9, 6, 8, 5, 1, 2, 2), (7, 8, 6, 3, 1, 1, 2),
           (7, 4, 5, 3, 1, 1, 1), (15, 3, 4, 5, 2, 1, 1), (30, 2, 3, 3, 4, 0, 1)]
 
@@ -173,7 +174,7 @@ from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None)
 flags.FLAGS(sys.argv)  # config_flags finds its overrides in sys.argv itself.
 from alexnet_jax import cli
-cli._choose_cpu_convolutions()  # pylint: disable=protected-access
+cli.start()  # Then JAX starts.
 import jax, jax.numpy as jnp
 from jax import lax
 x, w = jnp.ones((8, 27, 27, 64)), jnp.ones((5, 5, 64, 192))  # conv2's (small ones stay in Eigen)
@@ -187,16 +188,15 @@ print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''),
 
 @pytest.mark.parametrize('ops', ['auto', 'xla'])
 def test_the_commands_take_eigen_convolutions_unless_ops_is_xla(ops, env):
-  """cli.start's choice, in a fresh process (XLA reads its flags once, at start): on this
-  machine XLA:CPU's default puts a conv2-sized convolution in a YNNPACK fusion (fails without
-  the flag), `fast_ops.XLA_FLAG` takes it out."""
+  """cli.start's choice, in a fresh process (XLA reads its flags once, at start): XLA:CPU's
+  default (jaxlib 0.10.2, x86-64) puts a conv2-sized convolution in a YNNPACK fusion,
+  `fast_ops.XLA_FLAG` takes it out."""
   result = json.loads(subprocess.run(
       [sys.executable, '-c', _KERNELS, '--config=configs/default.py', f'--config.model.ops={ops}'],
       cwd=REPO, env={**env, 'XLA_FLAGS': ''},
       capture_output=True, text=True, check=True).stdout.splitlines()[-1])
   assert (fast_ops.XLA_FLAG in result['flags']) == (ops != 'xla')
-  if ops != 'xla':  # (Whether XLA's default takes YNNPACK may depend on the CPU: not asserted.)
-    assert not result['ynnpack']
+  assert result['ynnpack'] == (ops == 'xla')
   assert result['centre'] == 5 * 5 * 64  # All-ones 5x5x64 window, either kernel library.
 
 
@@ -205,7 +205,23 @@ def test_cpu_ops_without_the_flag_warn_how_to_set_it(monkeypatch, caplog):
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.ops = 'cpu'
+  with caplog.at_level(logging.WARNING):
+    train.create_model(config)  # The conftest set the flag.
+  assert 'YNNPACK' not in caplog.text
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
   with caplog.at_level(logging.WARNING):
     train.create_model(config)
   assert fast_ops.XLA_FLAG in caplog.text and 'YNNPACK' in caplog.text
+
+
+def test_a_users_own_ynnpack_choice_is_kept(monkeypatch):
+  mine = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+  monkeypatch.setenv('XLA_FLAGS', mine)
+  fast_ops.use_eigen_convolutions()
+  assert os.environ['XLA_FLAGS'] == mine
+  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  fast_ops.choose_convolutions('xla')
+  assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
+  fast_ops.choose_convolutions('cpu')
+  assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2',
+                                             fast_ops.XLA_FLAG]

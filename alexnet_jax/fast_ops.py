@@ -9,7 +9,8 @@ values and gradients against both and against PyTorch), different programs. On a
   - grouped convolution (`feature_group_count=2`): 3.7-5.5x slower than two convolutions on the
     halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.50 s grouped, 0.64 s
     split; conv4 and conv5 3.7x and 5.3x);
-  - max-pool backward (select-and-scatter): 25x the forward (pool1 470 ms vs 18 ms).
+  - max-pool backward (select-and-scatter): 15-27x the forward (the paper's pool1: 371 ms vs
+    14-24 ms; routed as below, 119-129 ms).
 So for CPU we take Eigen's convolutions, split groups and route the max-pool gradient with
 comparisons and strided pads. The model uses these only with `config.model.ops='cpu'`
 ('auto' on a CPU backend, `train.create_model`); elsewhere it keeps XLA's own ops, which

@@ -249,8 +249,9 @@ class _Mesh(DataParallel):
   def map(self, fn, donate_state=False):
     spec = jax.sharding.PartitionSpec
     # Outputs are replicated by the step's own pmean/psum; check_vma cannot see that through
-    # the custom_vjp ops (LRN, fast_ops' max-pool and partitionable convolutions), so it is off. Manual over the batch axis only: any other
-    # axis (`MODEL_AXIS`) is left to XLA's partitioner.
+    # the custom_vjp ops (LRN, fast_ops' max-pool and partitionable convolutions), so it is
+    # off. Manual over the batch axis only: any other axis (`MODEL_AXIS`) is left to XLA's
+    # partitioner.
     mapped = jax.shard_map(fn, mesh=self.mesh, in_specs=(spec(), spec(AXIS_NAME)),
                            out_specs=spec(), axis_names={AXIS_NAME}, check_vma=False)
     return jax.jit(mapped, donate_argnums=(0,) if donate_state else ())

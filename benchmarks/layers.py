@@ -167,7 +167,8 @@ def main(argv):
             for layer in layers}
   print(f'{_VARIANT.value}, batch {_BATCH.value}, {_IMAGE_SIZE.value} px, forward + backward, '
         f'JAX convolutions in {_CONVOLUTIONS.value}, ms: median over {_PAIRS.value} fresh '
-        f'processes per framework of each one\'s median of {_ROUNDS.value} rounds; {timing.cpu_name()}; {timing.versions()}; '
+        f'processes per framework of each one\'s median of {_ROUNDS.value} rounds; '
+        f'{timing.cpu_name()}; {timing.versions()}; '
         f'{time.strftime("%Y-%m-%d %H:%M")}, 1-min load {load_before:.1f} before, '
         f'{os.getloadavg()[0]:.1f} after')
   print('| layer | XLA ops | fast_ops | PyTorch | fast_ops/PyTorch time |')

@@ -26,8 +26,8 @@ the layer that made it.
 
     python benchmarks/scaling.py --parallelism=model --devices=2,4 --batches=16 --collectives
 
-Takes train_step.py's --variant, --mode, --dtype, --parallelism (pmap, mesh or model), --ops,
---rounds, --steps and --warmup.
+Takes train_step.py's --variant, --mode, --dtype, --image_size, --parallelism (pmap, mesh or
+model), --ops, --rounds, --steps and --warmup.
 """
 
 from collections.abc import Callable
@@ -80,15 +80,9 @@ def median_rate(run: Callable[[int], None], batch_size: int) -> float:
   return batch_size * FLAGS.steps / statistics.median(seconds)
 
 
-def benchmark_config(num_devices: int, batch_size: int):
-  """`timing.make_config` of train_step.py's flags, at this device count and batch."""
-  return timing.make_config(FLAGS.variant, batch_size, FLAGS.dtype, num_devices,
-                            FLAGS.parallelism, ops=train_step.OPS.value)
-
-
 def measure(num_devices: int, batch_size: int) -> float:
   """Images/s of the step alone, on device-resident data."""
-  config = benchmark_config(num_devices, batch_size)
+  config = train_step.benchmark_config(num_devices, batch_size)
   return median_rate(train_step.jax_runner(config, FLAGS.mode, timing.make_batch(config),
                                            train_step.create_state(config, FLAGS.mode)),
                      batch_size)
@@ -97,7 +91,7 @@ def measure(num_devices: int, batch_size: int) -> float:
 def collectives(num_devices: int, batch_size: int) -> list[str]:
   """Table rows of the collectives in the compiled step: kind, result shape, MB per device,
   KB per image of the device's slice of the batch, and the layer (jax op name) it serves."""
-  config = benchmark_config(num_devices, batch_size)
+  config = train_step.benchmark_config(num_devices, batch_size)
   step, state, batch = train_step.on_devices(config, FLAGS.mode, timing.make_batch(config),
                                              train_step.create_state(config, FLAGS.mode))
   text = step.lower(state, batch).compile().as_text()
@@ -117,7 +111,7 @@ def collectives(num_devices: int, batch_size: int) -> list[str]:
 
 def folder_config(num_devices: int, batch_size: int):
   """The benchmark's config reading the training split of the image folder --data_dir."""
-  config = benchmark_config(num_devices, batch_size)
+  config = train_step.benchmark_config(num_devices, batch_size)
   config.dataset, config.data_dir, config.train_split = 'folder', _DATA_DIR.value, 'train'
   config.eval_split = 'train'  # Nothing is evaluated; the folder needs no other split.
   config.num_classes = len(data_sources.folder_class_names(_DATA_DIR.value, 'train'))

@@ -107,10 +107,12 @@ _CHILD = flags.DEFINE_bool('child', False,
                            'Internal: this is a fresh JAX process; measure and print a result.')
 
 
-def benchmark_config():
-  """`make_config` of the flags, at their image size and class count."""
-  return make_config(_VARIANT.value, _BATCH.value, _DTYPE.value, _NUM_DEVICES.value,
-                     _PARALLELISM.value, _IMAGE_SIZE.value, _NUM_CLASSES.value, OPS.value)
+def benchmark_config(num_devices: int | None = None, batch: int | None = None):
+  """`make_config` of the flags; `num_devices` and `batch` (benchmarks/scaling.py's sweep)
+  in place of --num_devices and --batch where given."""
+  return make_config(_VARIANT.value, batch or _BATCH.value, _DTYPE.value,
+                     num_devices or _NUM_DEVICES.value, _PARALLELISM.value, _IMAGE_SIZE.value,
+                     _NUM_CLASSES.value, OPS.value)
 
 
 def create_state(config, mode: str):

@@ -8,12 +8,14 @@ import contextlib
 import functools
 import logging as logging_std
 import os
+import re
 import sys
 from typing import Iterator, NamedTuple
 
 from absl import flags
 from absl import logging
 import jax
+from jax._src import clusters
 from ml_collections import config_flags
 
 from alexnet_jax import checkpointing
@@ -22,9 +24,14 @@ from alexnet_jax import train
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process runs that JAX '
-    'does not detect itself (SLURM, Open MPI and TPU pods are detected).')
+    'does not detect itself (SLURM srun steps and Open MPI mpirun jobs of several processes '
+    'are detected).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
+
+# A collective (gloo's, on CPU) that failed because a process of the job is gone: "Gloo
+# all-reduce failed: ... Connection reset by peer".
+_LOST_PEER = re.compile(r'Gloo [\w-]+ failed')
 
 # Errors that are the user's to fix: one line of explanation, exit status 1, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError,
@@ -58,12 +65,25 @@ def define_model_flags() -> ModelFlags:
 
 
 def _initialize_distributed() -> None:
-  """Joins a multi-process run when flags or the cluster environment describe one."""
+  """Joins a multi-process run when the flags describe one, or when the cluster environment
+  does as jax.distributed.initialize() reads it (SLURM, Open MPI, ...) and has several
+  processes: a job of one task runs alone."""
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                                num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
-  elif 'SLURM_JOB_ID' in os.environ and int(os.environ.get('SLURM_NTASKS', '1')) > 1:
+  elif _detected_process_count() > 1:
     jax.distributed.initialize()
+
+
+def _detected_process_count() -> int:
+  """The processes of the cluster job JAX detects around this one (1 where it detects none)."""
+  # JAX has no public way to ask without joining; this is the one call its initialize() makes
+  # to detect, with every other parameter given so that it looks nothing else up (process 0's
+  # address is a network query on some clusters).
+  _, count, _, _ = clusters.ClusterEnv.auto_detect_unset_distributed_params(
+      coordinator_address='unused:0', num_processes=None, process_id=0, local_device_ids=[0],
+      cluster_detection_method=None, initialization_timeout=None)
+  return count or 1
 
 
 class _QuietOrbax(logging_std.Filter):
@@ -113,9 +133,27 @@ def _choose_cpu_convolutions() -> None:
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-  """Turns a `USER_ERRORS` exception into one logged line and exit status 1."""
+  """Turns a `USER_ERRORS` exception into one logged line and exit status 1, and so the
+  collective of a multi-process job whose peer died (`exit_lost_process`)."""
   try:
     yield
-  except USER_ERRORS as e:
+  except Exception as e:  # pylint: disable=broad-except
+    if jax.distributed.is_initialized() and _LOST_PEER.search(str(e)):
+      exit_lost_process(e)
+    if not isinstance(e, USER_ERRORS):
+      raise
     logging.error('%s: %s', type(e).__name__, e)
     raise SystemExit(1) from None
+
+
+def exit_lost_process(error: Exception) -> None:
+  """Logs "Lost process ..." (which one, where a 2-process job leaves no doubt) and exits 1
+  at once."""
+  count, index = jax.process_count(), jax.process_index()
+  lost = str(1 - index) if count == 2 else f'(a peer of process {index})'
+  logging.error('Lost process %s of this %d-process job (%s); the others cannot go on without '
+                'it: rerun the job.', lost, count, str(error).strip().partition('\n')[0])
+  logging.flush()
+  # Not SystemExit: JAX's exit handler would wait for the lost process at its shutdown
+  # barrier until the heartbeat timeout, then abort with a C++ stack trace (68 s, measured).
+  os._exit(1)  # pylint: disable=protected-access

@@ -1,8 +1,8 @@
 """Checks a config before anything is built, so a bad value costs one clear line, not a trace.
 
 Also guards a workdir against being resumed with another config: the first run writes
-`WORKDIR/config.json`; a later run must match it in every field outside `_FREE_FIELDS` (and,
-under the cosine schedule, `_HORIZON_FIELDS`).
+`WORKDIR/config.json`; a later run must match it in every field that `config_fields` does not
+let a resumed run change.
 """
 
 import json
@@ -13,6 +13,7 @@ from etils import epath
 import jax
 import ml_collections
 
+from alexnet_jax import config_fields
 from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
@@ -43,19 +44,6 @@ _POSITIVE = ('learning_rate', 'batch_size', 'eval_batch_size', 'image_size', 're
              'model_parallel_size')
 _NON_NEGATIVE = ('momentum', 'weight_decay', 'label_smoothing', 'pca_lighting_std',
                  'model.dropout_rate', 'warmup_epochs', 'num_devices')
-# Fields a resumed run may change freely: how long, how often, where the data lies, and the
-# device count (checkpoints do not depend on it).
-_FREE_FIELDS = frozenset({
-    'num_epochs', 'num_train_steps', 'allow_config_change', 'num_devices', 'log_every_steps',
-    'checkpoint_every_steps', 'keep_checkpoints', 'eval_every_epochs', 'steps_per_eval',
-    'eval_batch_size', 'eval_crops', 'data_dir', 'manual_dir', 'prefetch_to_device',
-    'num_parallel_calls', 'private_threadpool_size', 'init_from', 'parallelism', 'model.ops',
-    'model_parallel_size',
-})
-# Free fields that set the cosine schedule's horizon (see `check_workdir`).
-_HORIZON_FIELDS = frozenset({'num_epochs', 'num_train_steps'})
-
-
 def _get(config: Any, dotted: str) -> Any:
   for key in dotted.split('.'):
     config = config[key]
@@ -125,16 +113,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      f'{jax.process_count()} processes.')
 
 
-def _flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f'{prefix}{key}.'))
-    else:
-      flat[f'{prefix}{key}'] = value
-  return flat
-
-
 def check_num_classes(config: ml_collections.ConfigDict, dataset_classes: int) -> None:
   """Raises ValueError unless config.num_classes is the dataset's class count."""
   if dataset_classes != config.num_classes:
@@ -155,17 +133,17 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) ->
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = _flatten(json.loads(path.read_text()))
-  now = _flatten(json.loads(config.to_json_best_effort()))
-  free = _FREE_FIELDS - _HORIZON_FIELDS if config.lr_schedule == 'cosine' else _FREE_FIELDS
+  saved = config_fields.flatten(config_fields.with_added_defaults(json.loads(path.read_text())))
+  now = config_fields.flatten(json.loads(config.to_json_best_effort()))
   differ = sorted(k for k in saved.keys() | now.keys()
-                  if k not in free and saved.get(k) != now.get(k))
+                  if not config_fields.may_change_on_resume(k, config.lr_schedule)
+                  and saved.get(k) != now.get(k))
   if not differ:
     return
   details = '; '.join(f'{k}: workdir {saved.get(k)!r}, now {now.get(k)!r}' for k in differ)
   horizon = ('. The cosine schedule decays over num_epochs/num_train_steps, so the new '
              'horizon re-derives the learning rate of every remaining step'
-             if _HORIZON_FIELDS & set(differ) else '')
+             if config_fields.horizon_fields() & set(differ) else '')
   if config.allow_config_change:
     logging.warning('Resuming %s with a changed config (%s)%s.', workdir, details, horizon)
     return

@@ -21,12 +21,14 @@ import functools
 import json
 import os
 from typing import Optional
+from unittest import mock
 
 from absl import logging
 import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core.download import downloader as tfds_downloader
 
 from alexnet_jax import parallel
 
@@ -36,6 +38,8 @@ IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.bmp', '.gif', '.webp')
 # The files the installed TFDS imagenet2012 builder reads from its manual dir.
 IMAGENET_MANUAL_FILES = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
 DIGITS_TEST_FRACTION = 0.2
+# Retries of each TFDS download request (TFDS's own default: 10).
+DOWNLOAD_RETRIES = 2
 # What alexnet_jax.prepare writes next to its shards.
 PREPARED_METADATA = 'metadata.json'
 
@@ -386,6 +390,13 @@ def tfds_builder(name: str, data_dir: Optional[str],
   return builder
 
 
+def is_unprepared_tfds(config) -> bool:
+  """Whether config.dataset is a TFDS dataset that `get_source` would have to prepare."""
+  if config.dataset in ('folder', 'digits', 'prepared'):
+    return False
+  return not _find_builder(config.dataset, config.data_dir).is_prepared()
+
+
 def tfds_class_names(name: str, data_dir: Optional[str]) -> list[str]:
   """A TFDS dataset's label names, from its builder's code: works before it is prepared."""
   builder = _find_builder(name, data_dir)
@@ -419,8 +430,11 @@ def _prepare(builder: tfds.core.DatasetBuilder, manual_dir: Optional[str]):
       raise ValueError(_missing_manual_message(builder, root, manual_dir, missing, command))
   logging.info('Preparing TFDS %s in %s, once (ImageNet takes hours).', builder.name, root)
   try:
-    builder.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # TFDS retries a failed request 10 times, backing off exponentially: 3 min 24 s before a
+    # host that does not resolve (no internet) fails. 2 retries still ride out a blip.
+    with mock.patch.object(tfds_downloader, 'MAX_RETRIES', DOWNLOAD_RETRIES):
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   except Exception as e:  # Any failure of TFDS's download or build; re-raised with the fix.
     # One line, the reason's first: TFDS's download errors (no internet) run to many lines.
     reason = str(e).strip().partition('\n')[0]

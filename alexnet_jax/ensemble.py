@@ -8,16 +8,18 @@ the log of its members' mean softmax, so `train.eval_step` (crops, top-k, loss, 
 accuracy), the input pipeline and `parallel` evaluate it exactly as they evaluate one model,
 and each member's numbers beside it come from that same path. Every model sees the same
 batches (the first model's eval split, crops and preprocessing), so the members must share
-their classes and their evaluation input (image size, canvas, mean, scale, channels).
+their classes and their evaluation input (image size, canvas, mean, scale, channels), and crops
+with mirrors are refused where a member was trained without them (`check_crops`).
 """
 
 from collections.abc import Callable, Sequence
 import dataclasses
 import functools
 import json
-import pathlib
+import os
 from typing import Any
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -26,13 +28,13 @@ import numpy as np
 from alexnet_jax import checkpointing
 from alexnet_jax import cli
 from alexnet_jax import config_checks
+from alexnet_jax import config_fields
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import labels
+from alexnet_jax import parallel
 from alexnet_jax import train
 
-# Preprocessing options only training uses; the others define what evaluation feeds a model.
-_TRAINING_ONLY = frozenset({'train_crop', 'center_crop_train', 'random_flip', 'pca_lighting_std'})
 
 
 def _log_mean_softmax(apply_fns: Sequence[Callable[..., jax.Array]], variables: dict[str, Any],
@@ -67,7 +69,8 @@ def _evaluation_input(config: ml_collections.ConfigDict) -> dict[str, Any]:
   options = dataclasses.asdict(input_pipeline.preprocessing_options(config))
   options['mean'], options['std'] = input_pipeline.pixel_statistics(config)  # The device's.
   shared = {'dataset': config.dataset, 'num_classes': config.num_classes}
-  shared.update((name, value) for name, value in options.items() if name not in _TRAINING_ONLY)
+  shared.update((name, value) for name, value in options.items()
+                if name not in config_fields.TRAINING_ONLY)
   return shared
 
 
@@ -85,10 +88,10 @@ def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 
 
 def check_compatible(configs: Sequence[ml_collections.ConfigDict],
-                     workdirs: Sequence[str | pathlib.Path]) -> None:
+                     workdirs: Sequence[epath.PathLike]) -> None:
   """Raises ValueError naming the first model that does not share the first one's classes,
   image size or evaluation preprocessing, and how it differs."""
-  if len({pathlib.Path(w).resolve() for w in workdirs}) < len(workdirs):
+  if len(set(map(_identity, workdirs))) < len(workdirs):
     raise ValueError(f'The ensemble names a workdir twice: {list(map(str, workdirs))}; an '
                      'ensemble of a model with itself is that model.')
   first = _evaluation_input(configs[0])
@@ -101,18 +104,40 @@ def check_compatible(configs: Sequence[ml_collections.ConfigDict],
           f'{"; ".join(differ)}.')
 
 
-def load_members(workdirs: Sequence[str | pathlib.Path],
+def _identity(workdir: epath.PathLike) -> str:
+  """A workdir's name for comparisons: resolved where local (links, '..', a trailing '/')."""
+  path = epath.Path(workdir)
+  return os.fspath(path if '://' in os.fspath(path) else path.resolve())
+
+
+def check_crops(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence[epath.PathLike],
+                crops: int) -> None:
+  """Raises ValueError naming the first member trained without mirrors (random_flip False)
+  where the crops the first config gives for `crops` (`input_pipeline.eval_crops`) mirror:
+  every member sees the same crops, and mirrored ones are images it never saw."""
+  if input_pipeline.eval_crops(configs[0], crops) != 10:  # The only crops with mirrors.
+    return
+  for config, workdir in zip(configs[1:], workdirs[1:]):
+    if not config.random_flip:
+      raise ValueError(
+          f'{workdir} was trained without mirrors (random_flip=False), and the 10 crops '
+          f'of the ensemble (those of {workdirs[0]}, random_flip=True) mirror: use --crops=1 '
+          'or 5.')
+
+
+def load_members(workdirs: Sequence[epath.PathLike],
                  config: ml_collections.ConfigDict | None = None,
                  checkpoint: int | str = 'latest'
-                 ) -> tuple[ml_collections.ConfigDict, list[train.TrainState]]:
-  """The evaluation config and the host train states of an ensemble's models.
+                 ) -> tuple[list[ml_collections.ConfigDict], list[train.TrainState]]:
+  """The configs and the host train states of an ensemble's models, as this host runs them.
 
   Args:
     workdirs: training workdirs, the first one's config (or `config`) sets the evaluation.
     config: replaces the first workdir's saved config (the others keep theirs).
     checkpoint: the checkpoint of every workdir: a step, 'latest' or 'best'.
   Returns:
-    (the first model's config, one state per workdir, in order).
+    (one config per workdir, `parallel.on_this_host`'s; one state per workdir, made with its
+    config's model ops), in order. The first config is the evaluation's.
   Raises:
     ValueError: the models do not share classes and evaluation input (see `check_compatible`),
       or a config is invalid.
@@ -123,8 +148,9 @@ def load_members(workdirs: Sequence[str | pathlib.Path],
   for member in configs:
     config_checks.validate(member)
   check_compatible(configs, workdirs)
-  return configs[0], [inference.load_state(member, workdir, checkpoint)
-                      for member, workdir in zip(configs, workdirs)]
+  configs = [parallel.on_this_host(member) for member in configs]
+  return configs, [inference.load_state(member, workdir, checkpoint)
+                   for member, workdir in zip(configs, workdirs)]
 
 
 def format_side_by_side(report: dict[str, Any]) -> str:
@@ -158,8 +184,9 @@ def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None, *,
       raise ValueError('--init_from and --ensemble: an ensemble is made of training workdirs '
                        '(--workdir and --ensemble), not of weights files.')
     checkpoint = checkpointing.parse_checkpoint(model.checkpoint.value)
-    config, states = load_members(workdirs, model.config.value, checkpoint)
-    crops = int(crops or config.eval_crops)
+    configs, states = load_members(workdirs, model.config.value, checkpoint)
+    config, crops = configs[0], int(crops or configs[0].eval_crops)
+    check_crops(configs, workdirs, crops)
     names = labels.class_names(config)
     about = {'checkpoint': str(checkpoint), 'init_from': None, 'dataset': config.dataset,
              'split': config.eval_split}
@@ -174,7 +201,7 @@ def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None, *,
                          **about)
     report['members'] = members
   if jax.process_index() == 0:
-    path = pathlib.Path(workdirs[0]) / f"eval_ensemble{len(states)}_{report['crops']}crop.json"
+    path = epath.Path(workdirs[0]) / f"eval_ensemble{len(states)}_{report['crops']}crop.json"
     path.write_text(json.dumps(report, indent=2))
     print(format_report(report))
     print('Side by side:')

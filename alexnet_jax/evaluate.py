@@ -14,7 +14,6 @@ own share, so that subset depends on the process count).
 import functools
 import json
 import os
-import pathlib
 from typing import Any
 
 # TensorFlow only feeds data: keep it off the GPUs and quiet. Must precede its first import.
@@ -30,6 +29,7 @@ from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import ensemble
+from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import labels
 from alexnet_jax import normalize
@@ -50,7 +50,8 @@ _ENSEMBLE = flags.DEFINE_list(
 
 def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
              crops: int) -> dict[str, Any]:
-  """Runs config.eval_split on config.num_devices local devices; see `train.evaluate`."""
+  """Runs config.eval_split as `parallel.on_this_host(config)` says (the state made with that
+  config's model ops); see `train.evaluate`."""
   data_parallel, step = _mapped_eval_step(config.to_json_best_effort())
   return train.evaluate(step, data_parallel.put_state(state), config, data_parallel, crops)
 
@@ -60,10 +61,10 @@ def _mapped_eval_step(config_json: str) -> tuple[parallel.DataParallel, Any]:
   """The devices and the mapped eval step of a config, made once per config: an ensemble
   evaluates each member and the ensemble with the same one (one compilation, one read of a
   mean image)."""
-  config = ml_collections.ConfigDict(json.loads(config_json))
-  devices = parallel.select_devices(config.num_devices)
-  parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
-  data_parallel = parallel.create(config.parallelism, devices, config.model_parallel_size)
+  config = parallel.on_this_host(ml_collections.ConfigDict(json.loads(config_json)))
+  data_parallel = features.create_data_parallel(config)
+  parallel.per_device_batch_size(config.eval_batch_size, len(data_parallel.devices),
+                                 'eval_batch_size')
   step = functools.partial(train.eval_step, normalization=normalize.for_config(config))
   return data_parallel, data_parallel.map(step)
 
@@ -124,6 +125,7 @@ def main(argv):
     init_from = _MODEL.init_from.value
     config = inference.load_config(_MODEL.config.value, workdir)
     config_checks.validate(config)
+    config = parallel.on_this_host(config)
     state = inference.load_state(config, workdir, checkpoint, init_from)
     metrics = evaluate(config, state, int(_CROPS.value or config.eval_crops))
     crops = metrics['crops']  # The crops used: 10 asked of a model trained unmirrored is 5.
@@ -134,7 +136,7 @@ def main(argv):
         checkpoint=None if init_from else str(checkpoint), init_from=init_from, crops=crops,
         dataset=config.dataset, split=config.eval_split)
   if jax.process_index() == 0:
-    name = pathlib.Path(init_from).stem if init_from else f'step{step}'
+    name = epath.Path(init_from).stem if init_from else f'step{step}'
     path = workdir / f'eval_{name}_{crops}crop.json'
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))

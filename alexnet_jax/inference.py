@@ -12,6 +12,7 @@ import ml_collections
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
+from alexnet_jax import config_fields
 from alexnet_jax import convert
 from alexnet_jax import train
 
@@ -20,8 +21,8 @@ def load_config(config: ml_collections.ConfigDict | None,
                 workdir: epath.PathLike) -> ml_collections.ConfigDict:
   """`config` if given, else the config the training run saved in `workdir`.
 
-  A saved config from before a field existed gets that field's old behaviour (`_ADDED_FIELDS`),
-  so older runs still evaluate and predict.
+  A saved config from before a field existed gets that field's old behaviour
+  (`config_fields.with_added_defaults`), so older runs still evaluate and predict.
 
   Raises:
     FileNotFoundError: no `config`, and the workdir has no saved config.
@@ -32,27 +33,8 @@ def load_config(config: ml_collections.ConfigDict | None,
   if not path.is_file():
     raise FileNotFoundError(f'{path} does not exist: pass the --workdir of a training run, or '
                             'a --config.')
-  saved = json.loads(path.read_text())
-  for dotted, value in _ADDED_FIELDS.items():
-    *parents, name = dotted.split('.')
-    node = saved
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node.setdefault(name, value)
+  saved = config_fields.with_added_defaults(json.loads(path.read_text()))
   return ml_collections.ConfigDict(saved)
-
-
-# Config fields newer than some saved config.json files, with the values that reproduce what
-# those runs did (the defaults of configs/imagenet.py when the field came in).
-_ADDED_FIELDS = {
-    'parallelism': 'pmap',
-    'plateau_threshold_mode': 'abs',
-    'input_channels': 3,
-    'divide_by_255': False,
-    'model.conv1_padding': None,
-    'model.ops': 'auto',
-    'model_parallel_size': 2,
-}
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,

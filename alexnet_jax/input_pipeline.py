@@ -57,6 +57,9 @@ class DatasetInfo:
   num_train_examples: int
   num_eval_examples: int
   class_names: list[str]
+  # Each process reads its own share of the records (`data_sources.Source.streamed`), so the
+  # training batches depend on the process count.
+  streamed: bool = False
 
 
 def get_dataset_info(config) -> DatasetInfo:
@@ -71,7 +74,8 @@ def get_dataset_info(config) -> DatasetInfo:
   else:
     source = data_sources.get_source(config)
     info = DatasetInfo(len(source.class_names), source.num_examples(config.train_split),
-                       source.num_examples(config.eval_split), list(source.class_names))
+                       source.num_examples(config.eval_split), list(source.class_names),
+                       source.streamed)
   config_checks.check_num_classes(config, info.num_classes)
   return info
 

@@ -7,13 +7,13 @@ index (--eval_index). For each, it prints the k training images whose fc7 featur
 hidden layer, see `features`) are closest in Euclidean distance, with their classes, distances
 and files, and draws them into DIR/neighbours.png (--out): a row per query, the query first.
 The training split's features are computed once and kept in DIR/features/ for later calls
-(with the same checkpoint and config). Model and config come as for predict: a checkpoint of
-DIR (--checkpoint) or a weights file (--init_from), the config DIR saved unless --config.
+(with the same weights, by content, and config); then only the images shown are read. Model
+and config come as for predict: a checkpoint of DIR (--checkpoint) or a weights file
+(--init_from), the config DIR saved unless --config, run as `parallel.on_this_host` says.
 """
 
 import dataclasses
 import os
-import pathlib
 import time
 from typing import Any, NamedTuple
 
@@ -22,6 +22,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -51,6 +52,11 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
                    options: preprocessing.Options) -> list[dict[str, Any]]:
   """The examples of `split` at `positions` (indices in its canonical order), in that order.
 
+  Reads each example alone: its handle is the one-example share of "process" p of n
+  (`data_sources.process_range(n, p, n)` is [p, p + 1)), so a streamed source reads the one
+  shard that holds it (TFDS skips into it; a prepared shard is read through up to it) and
+  decodes that image only.
+
   Returns:
     One dict per position: 'input' (the evaluation's centre crop, `preprocessing.eval_image`'s
     dict: 'image' uint8 [S, S, C], 0-255, as shown, ...), 'label' (int) and 'key' (bytes: file
@@ -62,17 +68,16 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
   bad = [int(p) for p in positions if not 0 <= p < count]
   if bad:
     raise ValueError(f'The {split!r} split has {count} examples: no index {bad[0]}.')
-  wanted = tf.constant(np.unique(positions), tf.int64)
-  ds = source.handles(split).enumerate().filter(
-      lambda i, _: tf.reduce_any(tf.equal(i, wanted)))
-  ds = ds.map(lambda i, handle: {
-      'position': i, 'key': handle['key'], 'label': handle['label'],
-      'input': preprocessing.eval_image(source.load(handle), options)})
-  try:
-    found = {int(example['position']): example for example in ds.as_numpy_iterator()}
-  except tf.errors.OpError as e:
-    raise ValueError(f'An image of the {split!r} split does not decode: {e.message}') from e
-  return [found[int(p)] for p in positions]
+  found = {}
+  for position in np.unique(positions):
+    ds = source.handles(split, process_index=int(position), process_count=count).map(
+        lambda handle: {'key': handle['key'], 'label': handle['label'],
+                        'input': preprocessing.eval_image(source.load(handle), options)})
+    try:
+      (found[position],) = ds.as_numpy_iterator()
+    except tf.errors.OpError as e:
+      raise ValueError(f'An image of the {split!r} split does not decode: {e.message}') from e
+  return [found[p] for p in positions]
 
 
 class _Query(NamedTuple):
@@ -112,11 +117,12 @@ def main(argv):
   cli.start()
   with cli.user_errors():
     if jax.process_count() > 1:
-      raise ValueError('neighbours runs in one process (it reads the whole training split).')
+      raise ValueError('neighbours runs in one process (it computes the bank alone).')
     checkpoint = checkpointing.parse_checkpoint(_MODEL.checkpoint.value)
-    workdir, init_from = pathlib.Path(_MODEL.workdir.value), _MODEL.init_from.value
+    workdir, init_from = epath.Path(_MODEL.workdir.value), _MODEL.init_from.value
     config = inference.load_config(_MODEL.config.value, workdir)
     config_checks.validate(config)
+    config = parallel.on_this_host(config)
     try:
       eval_index = np.array([int(i) for i in _EVAL_INDEX.value], np.int64)
     except ValueError as e:
@@ -126,18 +132,16 @@ def main(argv):
     options = input_pipeline.preprocessing_options(config, source.encoded)
     queries = _queries(argv[1:], eval_index, config, source, options, names)
     state = inference.load_state(config, workdir, checkpoint, init_from)
-    weights = pathlib.Path(init_from).stem if init_from else f'step{int(state.step)}'
-    bank = features.split_features(config, state, workdir, config.train_split, weights)
-    devices = parallel.select_devices(config.num_devices)
-    query_features = features.image_features(
-        state, {name: np.stack([q.input[name] for q in queries]) for name in queries[0].input},
-        devices, normalize.for_config(config))
+    bank = features.split_features(config, state, workdir, config.train_split)
+    data_parallel = features.create_data_parallel(config)
+    query_features = features.features_fn(state, data_parallel, normalize.for_config(config))(
+        {name: np.stack([q.input[name] for q in queries]) for name in queries[0].input})
     start = time.time()
-    distances, rows = features.nearest(bank.features, query_features, _K.value, devices)
+    distances, rows = features.nearest(bank.features, query_features, _K.value, data_parallel)
     seconds = time.time() - start
     found = split_examples(source, config.train_split, bank.positions[rows.ravel()], options)
   print(f'The {_K.value} nearest of {len(bank.labels)} {config.train_split} images by fc7 '
-        f'distance ({len(queries)} queries, exact search in {seconds:.2f} s):')
+        f'distance ({len(queries)} queries, search in {seconds:.2f} s):')
   neighbours, titles = [], []
   for query, row_d, row_found in zip(queries, distances,
                                      (found[i:i + _K.value] for i in range(0, len(found),
@@ -149,7 +153,7 @@ def main(argv):
     neighbours.append([example['input']['image'] for example in row_found])
     titles.append([f'{plots.short_name(names[example["label"]])}\n{distance:.1f}'
                    for distance, example in zip(row_d, row_found)])
-  out = pathlib.Path(_OUT.value or workdir / 'neighbours.png')
+  out = epath.Path(_OUT.value or workdir / 'neighbours.png')
   plots.plot_neighbours([q.input['image'] for q in queries], [q.title for q in queries], neighbours,
                         titles, out)
   print(f'Wrote {out}')

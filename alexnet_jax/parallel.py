@@ -17,6 +17,7 @@ import functools
 import itertools
 from typing import Any
 
+from absl import logging
 import flax.jax_utils
 import jax
 from jax import lax
@@ -352,3 +353,33 @@ def create(parallelism: str, devices: Sequence[jax.Device],
   if parallelism not in kinds:
     raise ValueError(f'config.parallelism={parallelism!r}; choose one of {PARALLELISMS}.')
   return kinds[parallelism](devices)
+
+
+def on_this_host(config: Any) -> Any:
+  """The config a tool (evaluate, predict, features, neighbours) runs a trained model with here.
+
+  The run's own `config.parallelism` on its `config.num_devices` where this host can run them;
+  else all local devices, and 'mesh' (data-parallel, the whole model on each device) where
+  they cannot form the 'model' mesh (fewer devices than `config.model_parallel_size`, or not
+  a multiple of it): one warning line says so. The params are the same tree under every
+  parallelism, so any checkpoint restores into any of them. `train.model_ops` resolves the
+  model's ops 'auto' from the returned parallelism (the same numbers to float rounding).
+
+  Args:
+    config: the trained model's config (not changed).
+  Returns:
+    A copy with `parallelism` and `num_devices` (0: all) set to what this host runs.
+  """
+  config = config.copy_and_resolve_references()
+  available = len(jax.local_devices())
+  if config.num_devices > available:
+    logging.warning('The run used %d devices; this host has %d: running on them.',
+                    config.num_devices, available)
+    config.num_devices = 0
+  count = config.num_devices or available
+  if config.parallelism == 'model' and count % config.model_parallel_size:
+    logging.warning("The run split its model over %d devices (parallelism='model'); %d "
+                    "here cannot: running it data-parallel (parallelism='mesh').",
+                    config.model_parallel_size, count)
+    config.parallelism = 'mesh'
+  return config

@@ -10,7 +10,6 @@ for grey).
 
 from collections.abc import Sequence
 import math
-import pathlib
 from typing import Any
 
 import matplotlib
@@ -57,7 +56,13 @@ def plot_learning_curves(history: Sequence[dict[str, float]], path: epath.PathLi
   ax_acc.set_ylabel('accuracy')
   ax_acc.set_ylim(0, 1)
   fig.tight_layout()
-  with epath.Path(path).open('wb') as f:  # Also on a remote workdir (gs://...).
+  _save(fig, path)
+
+
+def _save(fig: plt.Figure, path: epath.PathLike) -> None:
+  """Writes `fig` as a PNG at 100 dpi to `path` (also on a remote workdir, gs://...); closes
+  it."""
+  with epath.Path(path).open('wb') as f:
     fig.savefig(f, format='png', dpi=100)
   plt.close(fig)
 
@@ -133,7 +138,7 @@ _ZOOM = 4  # Screen pixels per kernel pixel.
 _CAPTION_PX = 18
 
 
-def plot_filters(kernel: np.ndarray, path: str | pathlib.Path, groups: int = 1) -> None:
+def plot_filters(kernel: np.ndarray, path: epath.PathLike, groups: int = 1) -> None:
   """Saves conv1's kernels as the paper's Figure 3 does, enlarged, as a PNG.
 
   One block of `filter_grid` per group (the paper's Figure 3: the top 48 kernels learned on
@@ -157,8 +162,7 @@ def plot_filters(kernel: np.ndarray, path: str | pathlib.Path, groups: int = 1) 
     ax = fig.add_axes((0, top / height, 1, block.shape[0] * _ZOOM / height))
     ax.imshow(block.clip(0, 1), interpolation='nearest', aspect='auto')
     ax.set_axis_off()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def short_name(name: str) -> str:
@@ -183,7 +187,7 @@ _PREDICTION_COLUMNS = 4
 
 
 def plot_predictions(images: Sequence[np.ndarray], titles: Sequence[str], probs: np.ndarray,
-                     names: Sequence[str], path: str | pathlib.Path, top: int = 5) -> None:
+                     names: Sequence[str], path: epath.PathLike, top: int = 5) -> None:
   """The paper's Figure 4 (left): each image above a bar chart of its `top` classes.
 
   Args:
@@ -211,8 +215,7 @@ def plot_predictions(images: Sequence[np.ndarray], titles: Sequence[str], probs:
     ax.set_ylim(top - 0.5, -0.5)
     ax.set_xticks([])
     ax.set_yticks([])
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 # Inches (at 100 dpi) of a neighbours cell.
@@ -221,7 +224,7 @@ _NEIGHBOUR_CELL = (1.2, 1.45)
 
 def plot_neighbours(queries: Sequence[np.ndarray], query_titles: Sequence[str],
                     neighbours: Sequence[Sequence[np.ndarray]],
-                    neighbour_titles: Sequence[Sequence[str]], path: str | pathlib.Path) -> None:
+                    neighbour_titles: Sequence[Sequence[str]], path: epath.PathLike) -> None:
   """The paper's Figure 4 (right): each query image, then its nearest training images.
 
   Args:
@@ -241,8 +244,7 @@ def plot_neighbours(queries: Sequence[np.ndarray], query_titles: Sequence[str],
     _show(axes[row, 0], query, title)
     for ax, image, neighbour_title in zip(axes[row, 1:], images, titles):
       _show(ax, image, neighbour_title)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def _steps_per_epoch(history: Sequence[dict[str, float]]) -> int | None:
@@ -257,7 +259,7 @@ def main(argv: Sequence[str]) -> None:
   """Draws curves.png and (if a checkpoint exists) filters.png into --workdir."""
   del argv
   from absl import flags  # pylint: disable=g-import-not-at-top
-  workdir = pathlib.Path(flags.FLAGS.workdir)
+  workdir = epath.Path(flags.FLAGS.workdir)
   history = reporting.read_history(workdir)
   if not history:
     raise SystemExit(f'No {reporting.HISTORY_FILE} in {workdir}: is it a training workdir?')

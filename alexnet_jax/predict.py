@@ -4,7 +4,8 @@ Prints each image's top-5 classes with their names and probabilities, using a ch
 the training run in DIR (--checkpoint: 'latest', 'best' or a step) or a weights file
 (--init_from). Images get the evaluation's preprocessing (the centre crop of the central
 square, the config's mean and scale); a folder stands for the images in it. The config is
-the one the run saved in DIR unless --config names one.
+the one the run saved in DIR unless --config names one; the model runs as
+`parallel.on_this_host` says (any run's parallelism, on this host's devices).
 
 A file that cannot be read or decoded costs one error line and the other images are still
 classified; the exit status is then 1. --picture=PNG also draws each image above a bar chart of
@@ -24,6 +25,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -33,10 +35,12 @@ from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import data_sources
+from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import labels
 from alexnet_jax import normalize
+from alexnet_jax import parallel
 from alexnet_jax import plots
 from alexnet_jax import preprocessing
 from alexnet_jax import train
@@ -101,13 +105,16 @@ def _probabilities(apply_fn: Callable[..., jax.Array], normalization: normalize.
 
 def classify(files: list[pathlib.Path], state: train.TrainState,
              options: preprocessing.Options, normalization: normalize.Normalization,
-             names: list[str], picture: pathlib.Path | None = None) -> int:
+             names: list[str], data_parallel: parallel.DataParallel,
+             picture: epath.PathLike | None = None) -> int:
   """Prints each file's prediction, or logs why it has none; returns how many have none.
 
-  With `picture`, also draws the classified images with their top 5 there
-  (`plots.plot_predictions`).
+  The model runs on the devices of `data_parallel`. With `picture`, also draws the classified
+  images with their top 5 there (`plots.plot_predictions`).
   """
-  probabilities = jax.jit(functools.partial(_probabilities, state.apply_fn, normalization))
+  probabilities = features.per_example(
+      functools.partial(_probabilities, state.apply_fn, normalization), state.params,
+      data_parallel)
   failed, shown = 0, []
   for path in files:
     try:
@@ -117,7 +124,7 @@ def classify(files: list[pathlib.Path], state: train.TrainState,
       failed += 1
       continue
     batch = {name: value[None] for name, value in example.items()}
-    probs = np.asarray(probabilities(state.params, batch))[0]
+    probs = probabilities(batch)[0]
     print(format_prediction(path, probs, names), flush=True)
     if picture:
       shown.append((example['image'], path.name, probs))
@@ -136,15 +143,17 @@ def main(argv):
     checkpoint = checkpointing.parse_checkpoint(_MODEL.checkpoint.value)
     config = inference.load_config(_MODEL.config.value, _MODEL.workdir.value)
     config_checks.validate(config)
+    config = parallel.on_this_host(config)
     state = inference.load_state(config, _MODEL.workdir.value, checkpoint,
                                  _MODEL.init_from.value)
     options = input_pipeline.preprocessing_options(config, encoded=True)
     files = image_files(argv[1:])
     if not files:
       raise ValueError(f'No images in {argv[1:]} ({", ".join(data_sources.IMAGE_EXTENSIONS)}).')
-  picture = flags.FLAGS.picture and pathlib.Path(flags.FLAGS.picture)
+    data_parallel = features.create_data_parallel(config)
+  picture = flags.FLAGS.picture and epath.Path(flags.FLAGS.picture)
   if classify(files, state, options, normalize.for_config(config), class_names(config),
-              picture):
+              data_parallel, picture):
     raise SystemExit(1)
 
 

@@ -24,24 +24,34 @@ Output, in DIR:
                                decode, the source, the settings and the shards with their
                                record counts.
 
-Resuming: a shard is written under a temporary name and renamed when complete, so a rerun
-keeps every finished shard and redoes only the others. Several processes or hosts:
-`--shard_index=i --num_shards=n` makes process i write the shards i, i+n, i+2n, ... of the
-list of all shards (both splits); each process, after its last shard, writes metadata.json if
-every shard exists by then, so whoever finishes last writes it (a rerun of any process writes
-it too). Files that do not decode are logged, listed and counted in metadata.json, not written.
+Resuming: a shard is written under a temporary name (unique across hosts) and renamed when
+complete, so a rerun keeps every finished shard and redoes only the others. Files that do not
+decode are logged, listed and counted in metadata.json, not written.
+
+Several processes or hosts: process i of n writes the shards i, i+n, i+2n, ... of the list of
+all shards (both splits), and process 0 alone writes metadata.json (renamed into place: no
+reader sees half of it). Either as one job, whose processes join as training's do (SLURM's
+srun, Open MPI's mpirun, or --coordinator_address, --num_processes and --process_id): process
+0 then prepares a TFDS source once while the others wait, and writes metadata.json once every
+process is done. Or as independent processes, `--shard_index=i --num_shards=n`, at any time:
+a TFDS source must then be prepared already (they would each download it), and
+`--shard_index=0` writes metadata.json if every shard exists by then (rerun it at the end if
+not: it redoes nothing else).
 """
 
 import itertools
 import json
 import os
 import re
+import socket
 import time
+import uuid
 from typing import Any, Iterator, NamedTuple
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
 import tensorflow as tf
@@ -49,6 +59,7 @@ import tensorflow as tf
 from alexnet_jax import cli
 from alexnet_jax import data_sources
 from alexnet_jax import input_pipeline
+from alexnet_jax import parallel
 from alexnet_jax import preprocessing
 
 METADATA = data_sources.PREPARED_METADATA
@@ -98,7 +109,8 @@ def _settings(config: ml_collections.ConfigDict, quality: int, keep_aspect: bool
 
 def _write_atomically(path: str, write_fn):
   """write_fn(temporary path), then renames it to path: readers never see a partial file."""
-  temporary = f'{path}.tmp-{os.getpid()}'
+  # PIDs repeat across hosts that share the output.
+  temporary = f'{path}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}'
   write_fn(temporary)
   tf.io.gfile.rename(temporary, path, overwrite=True)
 
@@ -245,12 +257,13 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
     quality: JPEG quality, 1-100.
     keep_aspect: whole images with the shorter side R, [R, >= R] or [>= R, R], instead of
       the R x R central square.
-    shard_index, num_shards: this process writes shards shard_index, +num_shards, ... of all.
+    shard_index, num_shards: this process writes shards shard_index, +num_shards, ... of all;
+      in a multi-process job, its process index and count.
     examples_per_shard: the source's examples per shard (undecodable ones included).
     log_every: log progress every so many images.
 
   Returns:
-    Whether metadata.json was written (every shard of every process exists).
+    Whether this process wrote metadata.json (process 0, every shard of every process done).
 
   Raises:
     ValueError: missing data, bad arguments or an output prepared with other settings.
@@ -259,6 +272,13 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
     raise ValueError(f'--shard_index={shard_index} is not in [0, --num_shards={num_shards}).')
   if config.dataset == 'prepared':
     raise ValueError('config.dataset is already prepared; prepare the original source.')
+  in_job = jax.process_count() > 1
+  if num_shards > 1 and not in_job and data_sources.is_unprepared_tfds(config):
+    raise ValueError(
+        f'TFDS dataset {config.dataset} is not prepared (config.data_dir={config.data_dir}), '
+        'and independent processes (--num_shards) would each download it: run them as one '
+        'job (srun, mpirun or --coordinator_address, --num_processes and --process_id), whose '
+        f'process 0 prepares it, or prepare it first: tfds build {config.dataset}.')
   source = data_sources.get_source(config)
   order_seed = None if source.streamed else ORDER_SEED
   settings = _settings(config, quality, keep_aspect, examples_per_shard, order_seed)
@@ -283,10 +303,15 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
       for shard in todo:
         _write_shard(shard, itertools.islice(handles, shard.stop - shard.start), source,
                      encode, output, settings, progress)
+  if in_job:
+    parallel.sync_processes('alexnet_jax: prepare wrote its shards')
+  if shard_index != 0:
+    return False
   missing = [s.name for s in shards if not _is_done(s, output, settings)]
   if missing:
-    logging.info('%d shards of other processes are not done yet (e.g. %s); the last process '
-                 'to finish writes %s.', len(missing), missing[0], METADATA)
+    logging.info('%d shards of other processes are not done yet (e.g. %s); rerun '
+                 '--shard_index=0 when they are: it writes %s.', len(missing), missing[0],
+                 METADATA)
     return False
   _write_metadata(config, source, shards, output, settings)
   return True
@@ -295,10 +320,17 @@ def prepare(config: ml_collections.ConfigDict, output: str, quality: int = DEFAU
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  cli.start()
   with cli.user_errors():
-    prepare(_CONFIG.value, _OUTPUT.value, _QUALITY.value, _KEEP_ASPECT.value,
-            _SHARD_INDEX.value, _NUM_SHARDS.value, _EXAMPLES_PER_SHARD.value,
-            _LOG_EVERY.value)
+    shard_index, num_shards = _SHARD_INDEX.value, _NUM_SHARDS.value
+    if jax.process_count() > 1:
+      if (shard_index, num_shards) not in ((0, 1), (jax.process_index(), jax.process_count())):
+        raise ValueError(f'--shard_index={shard_index} --num_shards={num_shards} in a job of '
+                         f'{jax.process_count()} processes: leave them out, each process of a '
+                         'job takes its own place in it.')
+      shard_index, num_shards = jax.process_index(), jax.process_count()
+    prepare(_CONFIG.value, _OUTPUT.value, _QUALITY.value, _KEEP_ASPECT.value, shard_index,
+            num_shards, _EXAMPLES_PER_SHARD.value, _LOG_EVERY.value)
 
 
 if __name__ == '__main__':
@@ -312,10 +344,12 @@ if __name__ == '__main__':
   _KEEP_ASPECT = flags.DEFINE_bool(
       'keep_aspect', False, "Whole images, shorter side config.resize_size (for "
       "train_crop='random_resized'), instead of the central square.")
-  _SHARD_INDEX = flags.DEFINE_integer('shard_index', 0, 'This process writes shards '
-                                      'shard_index, +num_shards, ...', lower_bound=0)
-  _NUM_SHARDS = flags.DEFINE_integer('num_shards', 1, 'Processes sharing the work.',
-                                     lower_bound=1)
+  _SHARD_INDEX = flags.DEFINE_integer(
+      'shard_index', 0, 'This independent process writes shards shard_index, +num_shards, ... '
+      '(in a multi-process job: its process index).', lower_bound=0)
+  _NUM_SHARDS = flags.DEFINE_integer(
+      'num_shards', 1, 'Independent processes sharing the work (in a job: its processes).',
+      lower_bound=1)
   _EXAMPLES_PER_SHARD = flags.DEFINE_integer('examples_per_shard', 1024,
                                              'Images per TFRecord file.', lower_bound=1)
   _LOG_EVERY = flags.DEFINE_integer('log_every', 1000, 'Log progress every N images.',

@@ -311,6 +311,7 @@ class _Plan:
   steps_per_epoch: int
   total_steps: int
   eval_every: int
+  streamed: bool  # The training batches depend on the process count (`DatasetInfo.streamed`).
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -361,7 +362,8 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
                                              config.model_parallel_size),
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
-               eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)))
+               eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
+               streamed=info.streamed)
 
 
 def _finished(plan: _Plan, manager: Any) -> tuple[TrainState, dict[str, Any]] | None:
@@ -405,13 +407,35 @@ def _restore_or_start(plan: _Plan, manager: Any, writer: reporting.MetricWriter
     writer.write_text('model', model_summary)
     if jax.process_index() == 0:
       (plan.workdir / 'model_summary.txt').write_text(model_summary)
-    return state, {'config': config_dict, 'skipped_steps': 0}
+    return state, {'config': config_dict, 'skipped_steps': 0,
+                   'process_count': jax.process_count()}
   state, meta = restored
+  _check_process_count(plan, meta.get('process_count'))
   logging.info('Resuming from the checkpoint at step %d.', int(state.step))
   # Every optimizer setting comes from the config in force (the learning rate is set by the
   # step itself); the checkpoint's own would otherwise win silently.
   state = state.replace(opt_state=optim.with_config_hyperparams(state.opt_state, config))
-  return state, {**meta, 'config': config_dict}
+  return state, {**meta, 'config': config_dict, 'process_count': jax.process_count()}
+
+
+def _check_process_count(plan: _Plan, saved: int | None) -> None:
+  """Refuses to resume on another process count where that changes the batches to come.
+
+  Streamed records are read per process (see input_pipeline), so a process count that differs
+  from the checkpoint's would give another stream of examples from here on. A checkpoint
+  from before the count was saved (None) passes.
+  """
+  now = jax.process_count()
+  if not plan.streamed or saved in (None, now):
+    return
+  change = (f'{plan.workdir} was trained by {saved} processes, each reading its own share of '
+            f'the {plan.config.dataset!r} records, and this run has {now}: every batch from '
+            'here on differs from those of the run it resumes')
+  if plan.config.allow_config_change:
+    logging.warning('%s (allow_config_change).', change)
+    return
+  raise ValueError(f'{change}. Rerun with {saved} processes, or pass '
+                   '--config.allow_config_change=True to go on with another stream.')
 
 
 class _Loop:
@@ -511,9 +535,8 @@ class _Loop:
   def _save(self, eval_top1: float | None = None, eval_pending: bool = False) -> None:
     """Saves the state; `eval_pending`: its step's evaluation is still to run (on resume)."""
     state = self.par.get(self.replicated)
-    if int(state.step) in self.manager.all_steps():
-      # Saved before, when a preemption cut its evaluation short; now with the evaluation.
-      self.manager.delete(int(state.step))
+    if eval_pending and int(state.step) in self.manager.all_steps():
+      return  # Preempted again before evaluating this restored state: it is saved as it is.
     meta = {**self.meta, 'eval_pending': True} if eval_pending else self.meta
     checkpointing.save(self.manager, state, meta, eval_top1)
 

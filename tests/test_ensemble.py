@@ -129,9 +129,20 @@ def test_a_workdir_named_twice_is_an_error(tiny_runs):
     ensemble.load_members([tiny_runs['a'], f"{tiny_runs['a']}/"])
 
 
-def test_members_may_train_differently(tiny_runs, tmp_path):
+def test_members_may_train_differently_but_mirrored_crops_need_mirrors(tiny_runs, tmp_path):
+  """A member trained without flips joins centre-crop and 5-crop ensembles; 10 crops (mirrors)
+  are refused, naming it and the field."""
   config = json.loads((tiny_runs['a'] / 'config.json').read_text())
   changed = {**config, 'pca_lighting_std': 0.0, 'random_flip': False, 'learning_rate': 0.5}
   (tmp_path / 'config.json').write_text(json.dumps(changed))
-  ensemble.check_compatible([inference.load_config(None, w) for w in (tiny_runs['a'], tmp_path)],
-                            [tiny_runs['a'], tmp_path])
+  workdirs = [tiny_runs['a'], tmp_path]
+  configs = [inference.load_config(None, w) for w in workdirs]
+  assert configs[0].random_flip
+  ensemble.check_compatible(configs, workdirs)
+  for crops in (1, 5):
+    ensemble.check_crops(configs, workdirs, crops)
+  with pytest.raises(ValueError, match=rf'^{tmp_path} was trained without mirrors '
+                     r'\(random_flip=False\), and the 10 crops'):
+    ensemble.check_crops(configs, workdirs, 10)
+  # The first member unmirrored: its 10 crops are the 5 unmirrored ones, which all members saw.
+  ensemble.check_crops(configs[::-1], workdirs[::-1], 10)

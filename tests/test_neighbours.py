@@ -6,12 +6,14 @@ trained model: a training photo asked as a query finds itself first.
 """
 
 import json
+import pathlib
 import re
 
 import jax
 import numpy as np
 from PIL import Image
 import pytest
+import tensorflow as tf
 
 from alexnet_jax import features
 from alexnet_jax import inference
@@ -54,7 +56,7 @@ def model(tiny_runs):
 @pytest.mark.usefixtures('commands')  # Started first: they run while this test does.
 def test_features_are_what_fc8_reads_and_are_stored_once(model, tmp_path):
   config, state = model
-  bank = features.split_features(config, state, tmp_path, 'train', 'step2')
+  bank = features.split_features(config, state, tmp_path, 'train')
   assert bank.features.shape == (40, 4096) and bank.features.dtype == np.float32
   np.testing.assert_array_equal(bank.positions, np.arange(40))
   # The same images through the model's ordinary forward pass.
@@ -71,15 +73,15 @@ def test_features_are_what_fc8_reads_and_are_stored_once(model, tmp_path):
   assert (bank.features >= 0).all() and (bank.features > 0).mean() > 0.05
   np.testing.assert_allclose(bank.features @ np.asarray(fc8['kernel']) + np.asarray(fc8['bias']),
                              logits, rtol=1e-4, atol=1e-4 * np.abs(logits).max())
-  directory = tmp_path / 'features' / 'fc7_train_step2'
+  directory = tmp_path / 'features' / f'fc7_train_{features.params_digest(state.params)}'
   written = (directory / 'features.npy').stat().st_mtime_ns
-  stored = features.split_features(config, state, tmp_path, 'train', 'step2')
+  stored = features.split_features(config, state, tmp_path, 'train')
   assert (directory / 'features.npy').stat().st_mtime_ns == written  # Read, not recomputed.
   for a, b in zip(bank, stored):
     np.testing.assert_array_equal(a, b)
   about = json.loads((directory / 'about.json').read_text())
   assert about['split'] == 'train' and about['config']['image_size'] == 63
-  assert not directory.with_name('fc7_train_step2.partial').exists()
+  assert [p.name for p in (tmp_path / 'features').iterdir()] == [directory.name]
 
 
 def test_search_agrees_with_numpy_brute_force(monkeypatch):
@@ -89,7 +91,7 @@ def test_search_agrees_with_numpy_brute_force(monkeypatch):
   queries = np.concatenate([bank[[7, 30]], rng.normal(size=(3, 16)).astype(np.float32)])
   # Bank batches of 12 rows over 4 devices: 5 batches, the last padded.
   monkeypatch.setattr(features, '_SEARCH_ROWS', 12)
-  distances, rows = features.nearest(bank, queries, 5, parallel.select_devices())
+  distances, rows = features.nearest(bank, queries, 5, parallel.create('pmap', jax.devices()))
   brute = np.linalg.norm(bank[None].astype(np.float64) - queries[:, None], axis=-1)
   expected = np.argsort(brute, axis=-1, kind='stable')[:, :5]
   np.testing.assert_array_equal(rows, expected)
@@ -101,7 +103,7 @@ def test_search_agrees_with_numpy_brute_force(monkeypatch):
 def test_k_larger_than_the_bank_is_an_error():
   with pytest.raises(ValueError, match='k=4 neighbours asked of a bank of 3 rows'):
     features.nearest(np.zeros((3, 2), np.float32), np.zeros((1, 2), np.float32), 4,
-                     parallel.select_devices())
+                     parallel.create('pmap', jax.devices()))
 
 
 def test_a_training_photo_finds_itself_first(commands, query_photo, tiny_runs, out):
@@ -118,10 +120,10 @@ def test_a_training_photo_finds_itself_first(commands, query_photo, tiny_runs, o
   assert len(rows) == 3 * K
   first_rank, first_distance, first_name, first_file = rows[0]
   assert first_file == str(query_photo) and first_name == 'n02979186 cassette player'
-  # Itself: zero up to the rounding of |q|^2 - 2 q.x + |x|^2, against the others' distances.
-  assert float(first_distance) < 1e-2 * float(rows[1][1])
+  # Itself: its distance computed directly, 0 (the printout's 3 decimals).
+  assert float(first_distance) == 0
   assert [int(r[0]) for r in rows] == [1, 2, 3] * 3
-  assert (tiny_runs['a'] / 'features' / 'fc7_train_step2' / 'features.npy').is_file()
+  assert len(list((tiny_runs['a'] / 'features').glob('fc7_train_*/features.npy'))) == 1
   with Image.open(out / 'queries.png') as image:
     # A row per query, 1 + K cells of 120 x 145 pixels.
     assert image.size == ((1 + K) * 120, 3 * 145)
@@ -135,3 +137,103 @@ def test_an_index_outside_the_eval_split_is_one_clear_error(commands, out):
   assert len(errors) == 1, stderr[-3000:]
   assert "The 'val' split has 20 examples: no index 20." in errors[0]
   assert 'Traceback' not in stderr and not (out / 'bad_index.png').exists()
+
+
+def test_distances_are_exact_where_the_matrix_products_cancel(monkeypatch):
+  """Norms ~3e3 and neighbours ~0.5 apart: |q|^2 - 2 q.x + |x|^2 in float32 loses every digit
+  of the distance (its rounding, ~1 in squared units, exceeds it). The reference is numpy in
+  float64 on the same float32 inputs."""
+  rng = np.random.default_rng(1)
+  base = rng.uniform(300, 500, size=64)
+  bank = (base + rng.normal(scale=0.05, size=(200, 64))).astype(np.float32)
+  queries = np.concatenate([bank[[3, 50]] + rng.normal(scale=0.01, size=(2, 64)),
+                            base + rng.normal(scale=0.05, size=(3, 64))]).astype(np.float32)
+  monkeypatch.setattr(features, '_SEARCH_ROWS', 48)  # 5 bank batches, the last padded.
+  distances, rows = features.nearest(bank, queries, 6, parallel.create('mesh', jax.devices()))
+  brute = np.linalg.norm(bank[None].astype(np.float64) - queries[:, None], axis=-1)
+  expected = np.argsort(brute, axis=-1, kind='stable')[:, :6]
+  np.testing.assert_array_equal(rows, expected)
+  np.testing.assert_array_equal(
+      distances, np.take_along_axis(brute, expected, axis=1).astype(np.float32))
+  assert list(rows[:2, 0]) == [3, 50]
+
+
+def _fake_bank(directory, count: int) -> features.Bank:
+  """Stands in for `compute_split`: a bank of `count` rows, written as it writes one."""
+  bank = features.Bank(np.full((count, 2), count, np.float32), np.zeros(count, np.int32),
+                       np.arange(count))
+  for name, array in zip(features.Bank._fields, bank):
+    np.save(directory / f'{name}.npy', array)
+  return bank
+
+
+def test_a_bank_stored_meanwhile_by_another_call_is_used(model, tmp_path, monkeypatch):
+  """Two calls computing the same bank at once: the second finishes while the first computes
+  (here: inside it). Each computes into a directory of its own; the first then reads the
+  second's bank and leaves nothing else behind."""
+  config, state = model
+  calls = []
+
+  def compute(config, state, split, directory):
+    calls.append(directory)
+    if len(calls) == 1:  # The other call, from start to end.
+      features.split_features(config, state, tmp_path, split)
+    return _fake_bank(directory, len(calls))
+  monkeypatch.setattr(features, 'compute_split', compute)
+  bank = features.split_features(config, state, tmp_path, 'train')
+  assert len(set(calls)) == 2
+  np.testing.assert_array_equal(bank.features, np.full((2, 2), 2, np.float32))  # The other's.
+  digest = features.params_digest(state.params)
+  assert [p.name for p in (tmp_path / 'features').iterdir()] == [f'fc7_train_{digest}']
+
+
+def test_the_cache_is_keyed_by_the_weights_content(model, tiny_runs, tmp_path, monkeypatch):
+  """Different weights get their own bank; the same weights (another copy) share one."""
+  config, state = model
+  other = inference.load_state(config, tiny_runs['b'])
+  monkeypatch.setattr(features, 'compute_split',
+                      lambda config, state, split, directory: _fake_bank(directory, 3))
+  copy = state.replace(params=jax.tree.map(np.array, state.params))
+  for params_of in (state, other, copy):
+    features.split_features(config, params_of, tmp_path, 'train')
+  names = sorted(p.name for p in (tmp_path / 'features').iterdir())
+  assert names == sorted(f'fc7_train_{features.params_digest(s.params)}' for s in (state, other))
+  assert features.params_digest(state.params) != features.params_digest(other.params)
+
+
+@pytest.fixture(scope='module')
+def prepared(tiny_imagenette, tmp_path_factory):
+  """tiny_imagenette prepared as alexnet_jax.prepare writes it, 8 examples a shard: the 40
+  train examples in 5 shards."""
+  from alexnet_jax import prepare  # pylint: disable=g-import-not-at-top
+  from test_train import tiny_config  # pylint: disable=g-import-not-at-top
+  config = tiny_config(dataset='folder', data_dir=str(tiny_imagenette), train_split='train',
+                       eval_split='val', num_classes=10, image_size=63, resize_size=66)
+  output = tmp_path_factory.mktemp('prepared')
+  assert prepare.prepare(config, str(output), examples_per_shard=8)
+  config.dataset, config.data_dir = 'prepared', str(output)
+  return config
+
+
+def test_the_examples_shown_are_read_alone(prepared, tmp_path):
+  """Of prepared shards, only those holding the examples asked for are read: the others are
+  gone here. The keys and labels are those of the records at those positions (read here in
+  shard order, without PreparedSource)."""
+  from alexnet_jax import data_sources  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import neighbours  # pylint: disable=g-import-not-at-top
+  metadata = json.loads((pathlib.Path(prepared.data_dir) / 'metadata.json').read_text())
+  shards = metadata['splits']['train']['shards']
+  assert metadata['splits']['train']['shard_sizes'] == [8] * 5
+  for name in (pathlib.Path(prepared.data_dir)).iterdir():
+    (tmp_path / name.name).symlink_to(name)
+  for name in shards[:2] + shards[3:]:  # Keep the third shard only: examples 16..23.
+    (tmp_path / name).unlink()
+  source = data_sources.PreparedSource(str(tmp_path), prepared.shuffle_buffer_size)
+  options = input_pipeline.preprocessing_options(prepared, source.encoded)
+  found = neighbours.split_examples(source, 'train', np.array([21, 16, 21]), options)
+  records = [tf.train.Example.FromString(record.numpy()).features.feature for name in shards
+             for record in tf.data.TFRecordDataset(f'{prepared.data_dir}/{name}')]
+  for got, position in zip(found, (21, 16, 21)):
+    assert got['key'] == records[position]['image/filename'].bytes_list.value[0]
+    assert got['label'] == records[position]['image/class/label'].int64_list.value[0]
+  assert found[0]['input']['image'].shape == (63, 63, 3)

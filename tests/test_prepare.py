@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -162,15 +163,35 @@ def test_two_processes_write_disjoint_shards_whose_union_is_the_whole(folder, pr
                                                                       tmp_path):
   written = []
   for index in (0, 1):
-    done = prepare.prepare(_config(folder), str(tmp_path), shard_index=index, num_shards=2,
-                           examples_per_shard=2)
-    assert done == (index == 1)  # The last to finish writes the metadata.
+    # Process 1 finishes last, yet only --shard_index=0 writes metadata.json: one writer.
+    assert not prepare.prepare(_config(folder), str(tmp_path), shard_index=index, num_shards=2,
+                               examples_per_shard=2)
     written.append(set(_files(tmp_path)) - set().union(*written))
+  assert prepare.METADATA not in _files(tmp_path)
   shards = [{name for name in names if name.endswith('.tfrecord')} for names in written]
   assert not shards[0] & shards[1]
   assert shards[0] | shards[1] == {name for name in _files(prepared)
                                    if name.endswith('.tfrecord')}
+  assert prepare.prepare(_config(folder), str(tmp_path), shard_index=0, num_shards=2,
+                         examples_per_shard=2)  # Its rerun, all shards done: writes it.
   assert _files(tmp_path) == _files(prepared)
+
+
+def test_temporary_names_are_unique_across_hosts(tmp_path, monkeypatch):
+  """PIDs repeat across hosts: the host's name and a random part make each name unique."""
+  renamed = []
+  monkeypatch.setattr(tf.io.gfile, 'rename', lambda old, new, overwrite: renamed.append(old))
+  for _ in range(2):
+    prepare._write_json(str(tmp_path / 'a.json'), {})  # pylint: disable=protected-access
+  assert len(set(renamed)) == 2
+  assert all(f'.tmp-{socket.gethostname()}-{os.getpid()}-' in name for name in renamed)
+
+
+def test_independent_processes_refuse_a_tfds_source_to_prepare(tmp_path):
+  """They would each download and prepare it into the same directory."""
+  config = _config(tmp_path, dataset='mnist')
+  with pytest.raises(ValueError, match='mnist is not prepared.*would each download it.*one job'):
+    prepare.prepare(config, str(tmp_path / 'out'), shard_index=1, num_shards=2)
 
 
 def test_other_settings_in_the_same_output_are_refused(folder, prepared, tmp_path):

@@ -65,6 +65,9 @@ class Source(abc.ABC):
   # process lists only its share. False: paths or pixels in memory, which every process can
   # list whole for free.
   streamed: bool
+  # Its images are JPEG canvases at full chroma resolution (alexnet_jax.prepare's): a crop's
+  # window alone decodes to the whole image's pixels there (`preprocessing.Options`).
+  full_chroma_canvases: bool = False
 
   @abc.abstractmethod
   def num_examples(self, split: str) -> int:
@@ -189,6 +192,7 @@ class PreparedSource(Source):
     self._shuffle_buffer_size = shuffle_buffer_size
     self.class_names = self._metadata['class_names']
     self.encoded = self.streamed = True
+    self.full_chroma_canvases = not self._metadata['settings']['chroma_downsampling']
 
   def _split(self, split: str) -> dict:
     if split not in self._metadata['splits']:

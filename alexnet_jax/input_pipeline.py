@@ -152,7 +152,7 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
       batch['lighting'] = np.zeros((batch_size, 3), np.float32)
     return BatchIterator(dict(batch) for _ in itertools.count())
   source = data_sources.get_source(config)
-  options = preprocessing_options(config, source.encoded)
+  options = preprocessing_options(config, source.encoded, source.full_chroma_canvases)
   num_examples = source.num_examples(config.train_split)
   steps_per_epoch = num_examples // config.batch_size
   if not steps_per_epoch:
@@ -326,8 +326,10 @@ def _num_eval_batches(num_examples: int, config) -> int:
 # ------------------------------------------------------------------------------- shared
 
 
-def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options:
-  """The preprocessing a config asks for (inputs encoded files, or pixels).
+def preprocessing_options(config, encoded: bool = True,
+                          decode_window: bool = False) -> preprocessing.Options:
+  """The preprocessing a config asks for (inputs encoded files, or pixels; decode_window: see
+  `preprocessing.Options`).
 
   Raises:
     ValueError: a bad setting (see `config_checks.validate_data`), or a missing mean image.
@@ -343,7 +345,8 @@ def preprocessing_options(config, encoded: bool = True) -> preprocessing.Options
       center_crop_train=config.center_crop_train,
       random_flip=config.random_flip,
       pca_lighting_std=config.pca_lighting_std,
-      keep_window=mean is not None and mean.ndim == 3)
+      keep_window=mean is not None and mean.ndim == 3,
+      decode_window=decode_window)
 
 
 def pixel_statistics(config) -> tuple[Optional[np.ndarray], Optional[np.ndarray]]:

@@ -57,6 +57,8 @@ class Options:
     keep_window: also return where each crop lies on the canvas and whether it was mirrored
       ('offset', 'flip'): the device subtracts a mean image's window of the canvas with them
       (`normalize`; needs the square canvas of train_crop='paper').
+    decode_window: the files are JPEGs at full chroma resolution (alexnet_jax.prepare's): of
+      one that is its own canvas, decode only a training crop's window (`canvas_crop`).
   """
   image_size: int
   resize_size: int
@@ -67,6 +69,7 @@ class Options:
   random_flip: bool = True
   pca_lighting_std: float = 0.1
   keep_window: bool = False
+  decode_window: bool = False
 
 
 def central_square(shape: tf.Tensor) -> tf.Tensor:
@@ -208,13 +211,42 @@ def canvas_crop(data: tf.Tensor, options: Options, offset_fn: Callable[[tf.Tenso
                 square: bool = True) -> tuple[tf.Tensor, tf.Tensor]:
   """The S x S crop of the canvas at offset_fn(canvas size (h, w)); only the crop is resized.
 
+  With options.decode_window, a JPEG that is its own canvas has only the crop's window
+  decoded: at full chroma resolution libjpeg decodes the blocks that hold it as it would in
+  the whole image, so the pixels are those of decoding it all and cropping (tested; with
+  4:2:0 chroma the window's edges differ, which is why only full-chroma sources set it).
+
   Returns:
     uint8 [S, S, C], and its offset on the canvas, int32 [2] = (y, x).
   """
-  image, size = _decode_for_canvas(data, options, square)
-  offset = offset_fn(size)
   crop = options.image_size
-  return resize(image, size, window=tf.concat([offset, [crop, crop]], axis=0)), offset
+
+  def window_at(size):
+    offset = offset_fn(size)
+    return offset, tf.concat([offset, [crop, crop]], axis=0)
+
+  def whole():
+    image, size = _decode_for_canvas(data, options, square)
+    offset, window = window_at(size)
+    return resize(image, size, window=window), offset
+
+  def window_only():
+    offset, window = window_at(tf.image.extract_jpeg_shape(data)[:2])
+    return tf.image.decode_and_crop_jpeg(data, window, channels=options.channels,
+                                         dct_method='INTEGER_ACCURATE'), offset
+
+  if not (options.encoded and options.decode_window):
+    return whole()
+  return tf.cond(_is_jpeg_canvas(data, options.resize_size, square), window_only, whole)
+
+
+def _is_jpeg_canvas(data: tf.Tensor, size: int, square: bool) -> tf.Tensor:
+  """Whether `data` is a JPEG whose shape is already its canvas's (an identity resize)."""
+  def canvas_shaped():
+    shape = tf.image.extract_jpeg_shape(data)[:2]
+    canvas_size = tf.constant([size, size]) if square else shorter_side_size(shape, size)
+    return tf.reduce_all(shape == canvas_size)
+  return tf.cond(tf.io.is_jpeg(data), canvas_shaped, lambda: tf.constant(False))
 
 
 def pca_lighting(seed: tf.Tensor, std: float) -> tf.Tensor:

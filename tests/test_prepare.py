@@ -205,6 +205,8 @@ def test_the_source_reads_the_records_in_order_and_shuffled(prepared):
   source = data_sources.get_source(config)
   metadata = json.loads((prepared / prepare.METADATA).read_text())
   assert source.class_names == metadata['class_names'] and source.encoded
+  # Written at full chroma resolution: training may decode a crop's window alone.
+  assert source.full_chroma_canvases and not metadata['settings']['chroma_downsampling']
   records = _records(prepared, 'train')
   assert source.num_examples('train') == len(records)
   handles = list(source.handles('train').as_numpy_iterator())

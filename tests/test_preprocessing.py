@@ -130,6 +130,46 @@ def test_paper_crops_are_windows_of_the_canvas(photos, square):
   np.testing.assert_array_equal(crops, _train_images(data, options, 12)['image'])  # Seeded.
 
 
+@pytest.mark.parametrize('subsampling, channels, keep_aspect, decode_window', [
+    ('4:4:4', 3, False, True),  # As alexnet_jax.prepare writes its canvases.
+    ('4:4:4', 1, False, True),  # Grey runs.
+    ('4:4:4', 3, True, True),  # prepare --keep_aspect: shorter side 256.
+    # Chroma at half resolution: a window's edges would differ, so such sources decode whole.
+    ('4:2:0', 3, False, False),
+])
+def test_a_canvas_jpeg_gives_the_crops_of_decoding_it_whole(photos, subsampling, channels,
+                                                            keep_aspect, decode_window):
+  """A prepared canvas decodes only the crop's window: the pixels must be those of decoding
+  the whole JPEG and cropping there (libjpeg via TF, and PIL's decoder)."""
+  photo = Image.open(io.BytesIO(photos[PHOTOS[1]])).convert('RGB')  # 500x375.
+  canvas = (photo.resize((341, 256), Image.BILINEAR) if keep_aspect else
+            Image.fromarray(_pil_canvas(photo).astype(np.uint8)))
+  buffer = io.BytesIO()
+  canvas.save(buffer, 'JPEG', quality=90, subsampling=subsampling)
+  data = buffer.getvalue()
+  options = _options(channels=channels, center_crop_train=not keep_aspect, random_flip=False,
+                     decode_window=decode_window)
+  crops = _train_images(data, options, 16)['image']
+  whole = tf.io.decode_jpeg(data, channels=channels, dct_method='INTEGER_ACCURATE').numpy()
+  pil = np.asarray(Image.open(io.BytesIO(data)).convert('L' if channels == 1 else 'RGB'))
+  if channels == 3:  # PIL's grey conversion rounds otherwise than libjpeg's.
+    np.testing.assert_array_equal(whole, pil)
+  found = set()
+  for crop in crops:
+    found.add(_find_exact(crop, whole))
+  assert len(found) >= 12  # Random offsets, each a window of the whole decode, bit for bit.
+
+
+def _find_exact(crop: np.ndarray, image: np.ndarray) -> tuple[int, int]:
+  """The (y, x) where crop equals a window of image exactly; raises if nowhere."""
+  size = crop.shape[0]
+  for y in range(image.shape[0] - size + 1):
+    for x in range(image.shape[1] - size + 1):
+      if np.array_equal(image[y:y + size, x:x + size], crop):
+        return y, x
+  raise AssertionError('the crop is no window of the whole decode')
+
+
 def test_flips_half_the_time():
   pixels = np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)
   options = _options(image_size=8, resize_size=8, encoded=False, random_flip=True,

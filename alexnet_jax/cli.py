@@ -19,7 +19,7 @@ from jax._src import clusters
 from ml_collections import config_flags
 
 from alexnet_jax import checkpointing
-from alexnet_jax import fast_ops
+from alexnet_jax import cpu_convolutions
 from alexnet_jax import train
 
 _COORDINATOR = flags.DEFINE_string(
@@ -124,11 +124,11 @@ def start() -> None:
 
 
 def _choose_cpu_convolutions() -> None:
-  """Eigen's CPU convolutions (`fast_ops.XLA_FLAG`) unless --config.model.ops=xla asks for
-  XLA's defaults; before anything starts JAX's backends, which read the flag once. Commands
-  that read the config of a workdir (evaluate, predict) take Eigen's."""
+  """Eigen's CPU convolutions (`cpu_convolutions.XLA_FLAG`) unless --config.model.ops=xla
+  asks for XLA's defaults; before anything starts JAX's backends, which read the flag once.
+  Commands that read the config of a workdir (evaluate, predict) take Eigen's."""
   config = flags.FLAGS['config'].value if 'config' in flags.FLAGS else None
-  fast_ops.choose_convolutions('auto' if config is None else config.model.ops)
+  cpu_convolutions.choose_convolutions('auto' if config is None else config.model.ops)
 
 
 @contextlib.contextmanager

@@ -4,8 +4,9 @@ Same numbers as `lax.conv_general_dilated` and `nn.max_pool` (tests/test_fast_op
 values and gradients against both and against PyTorch), different programs. On a 2-core CPU
 (jaxlib 0.10.2, batch 64, 224 px) we measured:
   - XLA:CPU hands large convolutions to YNNPACK by default; its own Eigen convolutions
-    (`XLA_FLAG`) are 1.3-2.5x faster at AlexNet's shapes, forward and both gradients
-    (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms; docs/benchmarks.md);
+    (`cpu_convolutions.XLA_FLAG`) are 1.3-2.5x faster at AlexNet's shapes, forward and both
+    gradients (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms;
+    docs/benchmarks.md);
   - grouped convolution (`feature_group_count=2`): 3.7-5.5x slower than two convolutions on the
     halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.50 s grouped, 0.64 s
     split; conv4 and conv5 3.7x and 5.3x);
@@ -25,7 +26,6 @@ groups into the batch (`batch_group_count`) lets every device convolve its own g
 """
 
 import functools
-import os
 from typing import Sequence
 
 import jax
@@ -33,35 +33,6 @@ import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-
-# Takes convolutions out of XLA:CPU's default YNNPACK fusions, back to its Eigen kernels.
-XLA_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
-
-
-def use_eigen_convolutions() -> None:
-  """Adds `XLA_FLAG` to the XLA_FLAGS environment variable, unless XLA_FLAGS already says
-  which fusions YNNPACK takes (the user's choice stands).
-
-  XLA reads XLA_FLAGS once, when JAX starts its CPU backend, and for the whole process: call
-  this before the first use of a device (the commands do, in `cli.start`). The flag touches
-  only XLA:CPU's convolutions; GPU programs ignore it.
-  """
-  flags = os.environ.get('XLA_FLAGS', '')
-  if XLA_FLAG.split('=')[0] + '=' not in flags:
-    os.environ['XLA_FLAGS'] = f'{flags} {XLA_FLAG}'.strip()
-
-
-def choose_convolutions(ops: str) -> None:
-  """`use_eigen_convolutions` for every `config.model.ops` but 'xla', which asks for XLA's
-  defaults, kernels included."""
-  if ops != 'xla':
-    use_eigen_convolutions()
-
-
-def eigen_convolutions_requested() -> bool:
-  """Whether XLA_FLAGS holds `XLA_FLAG` (it took effect if it was there when JAX started)."""
-  return XLA_FLAG in os.environ.get('XLA_FLAGS', '').split()
-
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding, lhs_dilation=None, rhs_dilation=None,

@@ -305,7 +305,7 @@ class AlexNet(nn.Module):
     ops: the convolution and max-pool programs, the same numbers to float rounding (`OPS`):
       'xla' XLA's own (`lax.conv_general_dilated`, `nn.max_pool`: the network as written);
       'cpu' `fast_ops`' forms for XLA:CPU (split groups, routed max-pool gradient; Eigen's
-      convolutions where `fast_ops.XLA_FLAG` was set); 'partitionable' grouped convolutions
+      convolutions where `cpu_convolutions.XLA_FLAG` was set); 'partitionable' grouped convolutions
       that split over devices by group (`fast_ops.partitionable_conv_general_dilated`, for
       `config.parallelism='model'`), slower on one device.
   """

@@ -31,7 +31,7 @@ import optax
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
 from alexnet_jax import convert
-from alexnet_jax import fast_ops
+from alexnet_jax import cpu_convolutions
 from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import normalize
@@ -56,10 +56,15 @@ class TrainState(train_state.TrainState):
 def create_model(config: ml_collections.ConfigDict) -> models.AlexNet:
   """The AlexNet that `config.model` and `config.num_classes` describe."""
   m, ops = config.model, model_ops(config)
-  if ops == 'cpu' and not fast_ops.eigen_convolutions_requested():
+  eigen = cpu_convolutions.eigen_convolutions_requested()
+  if ops == 'cpu' and not eigen:
     logging.warning('XLA:CPU compiles the convolutions with YNNPACK, about half as fast as '
-                    'with Eigen: set XLA_FLAGS=%s (or call fast_ops.use_eigen_convolutions()) '
-                    'before JAX starts.', fast_ops.XLA_FLAG)
+                    'with Eigen: import alexnet_jax before JAX starts (or set XLA_FLAGS=%s).',
+                    cpu_convolutions.XLA_FLAG)
+  elif m.ops == 'xla' and eigen and cpu_convolutions.jax_started():
+    logging.warning("config.model.ops='xla' runs XLA's ops on Eigen's convolution kernels, "
+                    "chosen when alexnet_jax was imported: for XLA:CPU's defaults call "
+                    "cpu_convolutions.choose_convolutions('xla') before JAX starts.")
   return models.AlexNet(
       num_classes=config.num_classes, variant=m.variant, dropout_rate=m.dropout_rate,
       dtype=jnp.dtype(m.dtype), init_scheme=m.init, lrn_depth_radius=m.lrn_depth_radius,

@@ -41,8 +41,8 @@ _CHILD = flags.DEFINE_enum('child', None, ('jax', 'torch'),
 _LAYERS = flags.DEFINE_string('layers', None, 'Internal: the layers to time, as JSON.')
 _CONVOLUTIONS = flags.DEFINE_enum(
     'convolutions', 'eigen', ('eigen', 'ynnpack'),
-    "XLA:CPU's convolution kernels in the JAX processes, both columns: eigen (fast_ops.XLA_FLAG, "
-    "what the commands set) or ynnpack (XLA's default).")
+    "XLA:CPU's convolution kernels in the JAX processes, both columns: eigen "
+    "(cpu_convolutions.XLA_FLAG, what the commands set) or ynnpack (XLA's default).")
 
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Per framework, the implementations it times.
@@ -146,9 +146,10 @@ def profile(framework: str, layers: list[dict], rounds: int) -> dict[str, dict[s
 def main(argv):
   del argv
   if _CHILD.value:
-    if _CHILD.value == 'jax' and _CONVOLUTIONS.value == 'eigen':
-      from alexnet_jax import fast_ops  # pylint: disable=g-import-not-at-top
-      fast_ops.use_eigen_convolutions()  # Before JAX starts.
+    if _CHILD.value == 'jax':
+      from alexnet_jax import cpu_convolutions  # pylint: disable=g-import-not-at-top
+      # Before JAX starts (importing alexnet_jax alone would take Eigen's either way).
+      cpu_convolutions.choose_convolutions('auto' if _CONVOLUTIONS.value == 'eigen' else 'xla')
     timing.print_result(profile(_CHILD.value, json.loads(_LAYERS.value), _ROUNDS.value))
     return
   if 'xla_cpu_experimental_ynn_fusion_type' in os.environ.get('XLA_FLAGS', ''):

@@ -50,8 +50,8 @@ import numpy as np
 
 import train_step  # benchmarks/train_step.py: its flags, config, state and step runner.
 
+from alexnet_jax import cpu_convolutions
 from alexnet_jax import data_sources
-from alexnet_jax import fast_ops
 from alexnet_jax import input_pipeline
 from alexnet_jax import parallel
 from benchmarks import timing
@@ -161,7 +161,8 @@ def main(argv: list[str]) -> None:
   del argv
   devices = parse_counts(_DEVICES.value, 'devices')
   batches = parse_counts(_BATCHES.value, 'batches')
-  fast_ops.choose_convolutions(train_step.OPS.value)  # As cli.start does, before JAX starts.
+  # As cli.start does, before JAX starts.
+  cpu_convolutions.choose_convolutions(train_step.OPS.value)
   available = jax.local_device_count()
   if max(devices) > available:
     raise ValueError(f'--devices asks for {max(devices)} devices but this host has {available} '

@@ -49,7 +49,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from alexnet_jax import fast_ops
+from alexnet_jax import cpu_convolutions
 from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import normalize
@@ -91,7 +91,7 @@ _PARALLELISM = flags.DEFINE_enum('parallelism', 'pmap', parallel.PARALLELISMS,
 OPS = flags.DEFINE_enum(
     'ops', 'auto', ('auto', *models.OPS),
     "The JAX model's config.model.ops; as in the commands, all but 'xla' take XLA:CPU's Eigen "
-    'convolutions (fast_ops.XLA_FLAG).')
+    'convolutions (cpu_convolutions.XLA_FLAG).')
 _FRAMEWORKS = flags.DEFINE_list('frameworks', list(FRAMEWORKS), 'Which of jax, torch to run.')
 _TF32 = flags.DEFINE_enum(
     'tf32', 'on', ('on', 'off', 'default'),
@@ -288,7 +288,7 @@ def check_flags() -> None:
 def main(argv: list[str]) -> None:
   del argv
   check_flags()
-  fast_ops.choose_convolutions(OPS.value)  # As cli.start does, before JAX starts.
+  cpu_convolutions.choose_convolutions(OPS.value)  # As cli.start does, before JAX starts.
   configure_precision(_TF32.value)
   if _CHILD.value:
     jax_child(benchmark_config())

@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = 'float32'  # Compute dtype; 'bfloat16' for speed on GPU/TPU.
   # Which convolution and max-pool programs (same numbers to rounding). 'xla': XLA's own ops,
   # the network as written (cuDNN on GPU), XLA's default kernels. 'cpu': fast_ops' forms, and
-  # the commands set XLA:CPU's Eigen convolutions (fast_ops.XLA_FLAG); on a 2-core CPU the
+  # the commands set XLA:CPU's Eigen convolutions (cpu_convolutions.XLA_FLAG); on a 2-core CPU the
   # convs and pools took 1.9x less time than XLA's defaults (torchvision), and 3.2x less
   # than XLA's ops on the same Eigen kernels (paper; docs/benchmarks.md).
   # 'partitionable': grouped convs that split by group over the 'model' axis. 'auto' (ours):

@@ -13,9 +13,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 import pathlib  # pylint: disable=g-import-not-at-top
 
-from alexnet_jax import fast_ops  # pylint: disable=g-import-not-at-top
-
-fast_ops.use_eigen_convolutions()  # As the commands run (cli.start); before JAX starts.
+# Importing the package before JAX starts adds cpu_convolutions.XLA_FLAG, as the commands run.
+import alexnet_jax  # pylint: disable=g-import-not-at-top,unused-import
 
 import pytest  # pylint: disable=g-import-not-at-top
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 from jax import lax
 
+from alexnet_jax import cpu_convolutions
 from alexnet_jax import fast_ops
 from conftest import REPO
 
@@ -167,37 +168,64 @@ def test_partitionable_grouped_conv_matches_lax(groups, padding):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
 
 
+# Prints XLA_FLAGS and whether a conv2-sized convolution compiles into a YNNPACK fusion (small
+# ones stay in Eigen) after {start}, which runs before JAX starts.
 _KERNELS = r'''
 import json, os, sys
+{start}
+import jax, jax.numpy as jnp
+from jax import lax
+x, w = jnp.ones((8, 27, 27, 64)), jnp.ones((5, 5, 64, 192))
+conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
+print(json.dumps({{'flags': os.environ.get('XLA_FLAGS', ''),
+                   'ynnpack': 'ynn_fusion' in conv.lower(x, w).compile().as_text(),
+                   'centre': float(conv(x, w)[0, 13, 13, 0])}}))
+'''
+_COMMAND_START = """
 from absl import flags
 from ml_collections import config_flags
 config_flags.DEFINE_config_file('config', None)
 flags.FLAGS(sys.argv)  # config_flags finds its overrides in sys.argv itself.
 from alexnet_jax import cli
-cli.start()  # Then JAX starts.
-import jax, jax.numpy as jnp
-from jax import lax
-x, w = jnp.ones((8, 27, 27, 64)), jnp.ones((5, 5, 64, 192))  # conv2's (small ones stay in Eigen)
-conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), 'SAME',
-                                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC')))
-print(json.dumps({'flags': os.environ.get('XLA_FLAGS', ''),
-                  'ynnpack': 'ynn_fusion' in conv.lower(x, w).compile().as_text(),
-                  'centre': float(conv(x, w)[0, 13, 13, 0])}))
-'''
+cli.start()
+"""
+
+
+def _kernels(start: str, env, *args, xla_flags: str = '') -> dict:
+  return json.loads(subprocess.run(
+      [sys.executable, '-c', _KERNELS.format(start=start), *args], cwd=REPO,
+      env={**env, 'XLA_FLAGS': xla_flags}, capture_output=True, text=True,
+      check=True).stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize('ops', ['auto', 'xla'])
 def test_the_commands_take_eigen_convolutions_unless_ops_is_xla(ops, env):
   """cli.start's choice, in a fresh process (XLA reads its flags once, at start): XLA:CPU's
   default (jaxlib 0.10.2, x86-64) puts a conv2-sized convolution in a YNNPACK fusion,
-  `fast_ops.XLA_FLAG` takes it out."""
-  result = json.loads(subprocess.run(
-      [sys.executable, '-c', _KERNELS, '--config=configs/default.py', f'--config.model.ops={ops}'],
-      cwd=REPO, env={**env, 'XLA_FLAGS': ''},
-      capture_output=True, text=True, check=True).stdout.splitlines()[-1])
-  assert (fast_ops.XLA_FLAG in result['flags']) == (ops != 'xla')
+  `cpu_convolutions.XLA_FLAG` takes it out."""
+  result = _kernels(_COMMAND_START, env, '--config=configs/default.py',
+                    f'--config.model.ops={ops}')
+  assert (cpu_convolutions.XLA_FLAG in result['flags']) == (ops != 'xla')
   assert result['ynnpack'] == (ops == 'xla')
   assert result['centre'] == 5 * 5 * 64  # All-ones 5x5x64 window, either kernel library.
+
+
+@pytest.mark.parametrize('start, ynnpack', [
+    ('import alexnet_jax', False),  # A Python user's import: Eigen's, with no call of theirs.
+    ('import jax; jax.devices(); import alexnet_jax', True),  # JAX first: left as it started.
+    ("from alexnet_jax import cpu_convolutions; cpu_convolutions.choose_convolutions('xla')",
+     True),  # The way out to XLA's defaults, from Python.
+])
+def test_importing_the_package_before_jax_starts_takes_eigen_convolutions(start, ynnpack, env):
+  result = _kernels(start, env)
+  assert result['ynnpack'] == ynnpack
+  assert (cpu_convolutions.XLA_FLAG in result['flags']) == (not ynnpack)
+
+
+def test_importing_the_package_keeps_a_users_own_ynnpack_choice(env):
+  mine = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
+  assert _kernels('import alexnet_jax', env, xla_flags=mine)['flags'] == mine
 
 
 def test_cpu_ops_without_the_flag_warn_how_to_set_it(monkeypatch, caplog):
@@ -211,17 +239,17 @@ def test_cpu_ops_without_the_flag_warn_how_to_set_it(monkeypatch, caplog):
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
   with caplog.at_level(logging.WARNING):
     train.create_model(config)
-  assert fast_ops.XLA_FLAG in caplog.text and 'YNNPACK' in caplog.text
+  assert cpu_convolutions.XLA_FLAG in caplog.text and 'YNNPACK' in caplog.text
 
 
 def test_a_users_own_ynnpack_choice_is_kept(monkeypatch):
   mine = '--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT'
   monkeypatch.setenv('XLA_FLAGS', mine)
-  fast_ops.use_eigen_convolutions()
+  cpu_convolutions.use_eigen_convolutions()
   assert os.environ['XLA_FLAGS'] == mine
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
-  fast_ops.choose_convolutions('xla')
+  cpu_convolutions.choose_convolutions('xla')
   assert os.environ['XLA_FLAGS'] == '--xla_force_host_platform_device_count=2'
-  fast_ops.choose_convolutions('cpu')
+  cpu_convolutions.choose_convolutions('cpu')
   assert os.environ['XLA_FLAGS'].split() == ['--xla_force_host_platform_device_count=2',
-                                             fast_ops.XLA_FLAG]
+                                             cpu_convolutions.XLA_FLAG]

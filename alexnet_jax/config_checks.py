@@ -143,7 +143,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) ->
   details = '; '.join(f'{k}: workdir {saved.get(k)!r}, now {now.get(k)!r}' for k in differ)
   horizon = ('. The cosine schedule decays over num_epochs/num_train_steps, so the new '
              'horizon re-derives the learning rate of every remaining step'
-             if config_fields.horizon_fields() & set(differ) else '')
+             if config_fields.HORIZON_FIELDS & set(differ) else '')
   if config.allow_config_change:
     logging.warning('Resuming %s with a changed config (%s)%s.', workdir, details, horizon)
     return

@@ -116,6 +116,7 @@ FIELDS: dict[str, Field] = {
 }
 
 STATE_DEFINING = tuple(name for name, field in FIELDS.items() if field.defines_state)
+HORIZON_FIELDS = frozenset(name for name, field in FIELDS.items() if field.on_resume == HORIZON)
 TRAINING_ONLY = frozenset(name for name, field in FIELDS.items() if field.training_only)
 
 
@@ -123,11 +124,6 @@ def may_change_on_resume(name: str, lr_schedule: str) -> bool:
   """Whether a resumed run may change field `name` (dotted); unknown fields may not."""
   field = FIELDS.get(name, Field())
   return field.on_resume == FREE or (field.on_resume == HORIZON and lr_schedule != 'cosine')
-
-
-def horizon_fields() -> frozenset[str]:
-  """The fields that set the cosine schedule's horizon."""
-  return frozenset(name for name, field in FIELDS.items() if field.on_resume == HORIZON)
 
 
 def with_added_defaults(saved: dict[str, Any]) -> dict[str, Any]:

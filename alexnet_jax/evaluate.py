@@ -29,7 +29,6 @@ from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import ensemble
-from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import labels
 from alexnet_jax import normalize
@@ -62,7 +61,7 @@ def _mapped_eval_step(config_json: str) -> tuple[parallel.DataParallel, Any]:
   evaluates each member and the ensemble with the same one (one compilation, one read of a
   mean image)."""
   config = parallel.on_this_host(ml_collections.ConfigDict(json.loads(config_json)))
-  data_parallel = features.create_data_parallel(config)
+  data_parallel = parallel.for_config(config)
   parallel.per_device_batch_size(config.eval_batch_size, len(data_parallel.devices),
                                  'eval_batch_size')
   step = functools.partial(train.eval_step, normalization=normalize.for_config(config))

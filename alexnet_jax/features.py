@@ -141,12 +141,6 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def create_data_parallel(config: ml_collections.ConfigDict) -> parallel.DataParallel:
-  """The `DataParallel` of a config from `parallel.on_this_host`."""
-  return parallel.create(config.parallelism, parallel.select_devices(config.num_devices),
-                         config.model_parallel_size)
-
-
 def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, split: str,
                   directory: epath.PathLike) -> Bank:
   """fc7 features of every decodable example of `split`, through the evaluation pipeline.
@@ -159,7 +153,7 @@ def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, sp
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   config = config.copy_and_resolve_references()
   config.eval_split, config.steps_per_eval, config.cache = split, -1, False
-  data_parallel = create_data_parallel(config)
+  data_parallel = parallel.for_config(config)
   parallel.per_device_batch_size(config.eval_batch_size, len(data_parallel.devices),
                                  'eval_batch_size')
   features = features_fn(state, data_parallel, normalize.for_config(config))

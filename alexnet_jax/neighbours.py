@@ -13,6 +13,7 @@ and config come as for predict: a checkpoint of DIR (--checkpoint) or a weights 
 """
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, NamedTuple
@@ -68,15 +69,19 @@ def split_examples(source: data_sources.Source, split: str, positions: np.ndarra
   bad = [int(p) for p in positions if not 0 <= p < count]
   if bad:
     raise ValueError(f'The {split!r} split has {count} examples: no index {bad[0]}.')
-  found = {}
-  for position in np.unique(positions):
-    ds = source.handles(split, process_index=int(position), process_count=count).map(
-        lambda handle: {'key': handle['key'], 'label': handle['label'],
-                        'input': preprocessing.eval_image(source.load(handle), options)})
-    try:
-      (found[position],) = ds.as_numpy_iterator()
-    except tf.errors.OpError as e:
-      raise ValueError(f'An image of the {split!r} split does not decode: {e.message}') from e
+  unique = np.unique(positions)
+  if not unique.size:  # No --eval_index.
+    return []
+  # One pipeline (one trace of the preprocessing) over the examples' one-example shares.
+  handles = functools.reduce(tf.data.Dataset.concatenate, [
+      source.handles(split, process_index=int(p), process_count=count) for p in unique])
+  ds = handles.map(lambda handle: {
+      'key': handle['key'], 'label': handle['label'],
+      'input': preprocessing.eval_image(source.load(handle), options)})
+  try:
+    found = dict(zip(unique, ds.as_numpy_iterator()))
+  except tf.errors.OpError as e:
+    raise ValueError(f'An image of the {split!r} split does not decode: {e.message}') from e
   return [found[p] for p in positions]
 
 
@@ -133,7 +138,7 @@ def main(argv):
     queries = _queries(argv[1:], eval_index, config, source, options, names)
     state = inference.load_state(config, workdir, checkpoint, init_from)
     bank = features.split_features(config, state, workdir, config.train_split)
-    data_parallel = features.create_data_parallel(config)
+    data_parallel = parallel.for_config(config)
     query_features = features.features_fn(state, data_parallel, normalize.for_config(config))(
         {name: np.stack([q.input[name] for q in queries]) for name in queries[0].input})
     start = time.time()

@@ -355,6 +355,13 @@ def create(parallelism: str, devices: Sequence[jax.Device],
   return kinds[parallelism](devices)
 
 
+def for_config(config: Any) -> DataParallel:
+  """The `DataParallel` that `config.parallelism` names, on `config.num_devices` local devices
+  (`select_devices`) of every process."""
+  return create(config.parallelism, select_devices(config.num_devices),
+                config.model_parallel_size)
+
+
 def on_this_host(config: Any) -> Any:
   """The config a tool (evaluate, predict, features, neighbours) runs a trained model with here.
 

@@ -150,7 +150,7 @@ def main(argv):
     files = image_files(argv[1:])
     if not files:
       raise ValueError(f'No images in {argv[1:]} ({", ".join(data_sources.IMAGE_EXTENSIONS)}).')
-    data_parallel = features.create_data_parallel(config)
+    data_parallel = parallel.for_config(config)
   picture = flags.FLAGS.picture and epath.Path(flags.FLAGS.picture)
   if classify(files, state, options, normalize.for_config(config), class_names(config),
               data_parallel, picture):

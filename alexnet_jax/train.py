@@ -363,8 +363,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
                'devices.', config.dataset, info.num_train_examples, info.num_eval_examples,
                steps_per_epoch, total_steps, len(devices) * jax.process_count())
   return _Plan(config=config, workdir=workdir,
-               data_parallel=parallel.create(config.parallelism, devices,
-                                             config.model_parallel_size),
+               data_parallel=parallel.for_config(config),
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
                eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),

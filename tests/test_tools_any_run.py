@@ -111,7 +111,7 @@ def test_features_under_every_parallelism_are_what_fc8_reads(model_run, parallel
   state = inference.load_state(config, model_run)
   batch = next(iter(input_pipeline.create_eval_iterator(config, crops=1)))
   images = {'image': batch['image'][:7]}
-  fc7 = features.features_fn(state, features.create_data_parallel(config),
+  fc7 = features.features_fn(state, parallel.for_config(config),
                              normalize.for_config(config))(images)
   logits = np.asarray(jax.jit(lambda x: state.apply_fn({'params': state.params}, x,
                                                        train=False))(

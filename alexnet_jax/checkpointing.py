@@ -33,6 +33,15 @@ from alexnet_jax import config_fields
 
 # The subdirectory of a workdir that holds its checkpoints.
 DIRECTORY = 'checkpoints'
+# How long a process waits in one of a save's barriers (JAX's coordination service) for the
+# others of its job. Orbax's default is 20 minutes, but JAX's heartbeat timeout ends a process
+# that waits for a lost peer sooner, in C++ (an abort and a stack trace): under it, the wait
+# ends in a Python error that `cli.user_errors` turns into one line. Half a minute is far more
+# than processes writing AlexNet's state (under 1 GB) differ by (reasoned, not measured on a
+# cluster); a save waits in up to two barriers in turn, and `cli` sets the heartbeat timeout
+# to four times this.
+BARRIER_TIMEOUT_S = 30
+
 # The metric saved with a checkpoint that ranks it for `BestN` and `best_step`.
 _BEST_METRIC = 'eval_top1'
 
@@ -65,7 +74,8 @@ def create_manager(directory: epath.PathLike, keep: int, async_save: bool = True
   options = ocp.CheckpointManagerOptions(
       preservation_policy=policy, best_fn=_eval_top1, enable_async_checkpointing=async_save,
       cleanup_tmp_directories=not read_only, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1)
+      save_interval_steps=0 if read_only else 1,
+      async_options=ocp.AsyncOptions(timeout_secs=BARRIER_TIMEOUT_S))
   return ocp.CheckpointManager(epath.Path(directory).absolute(), options=options,
                                item_names=('state', 'meta'))
 

@@ -29,9 +29,10 @@ _COORDINATOR = flags.DEFINE_string(
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-process run.')
 
-# A collective (gloo's, on CPU) that failed because a process of the job is gone: "Gloo
-# all-reduce failed: ... Connection reset by peer".
-_LOST_PEER = re.compile(r'Gloo [\w-]+ failed')
+# A process of the job is gone: a collective (gloo's, on CPU) failed ("Gloo all-reduce
+# failed: ... Connection reset by peer"), or a checkpoint's barrier in JAX's coordination
+# service timed out or saw the peer's heartbeats stop ("Barrier timed out", "Barrier failed").
+_LOST_PEER = re.compile(r'Gloo [\w-]+ failed|Barrier (timed out|failed)')
 
 # Errors that are the user's to fix: one line of explanation, exit status 1, no traceback.
 USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError,
@@ -68,11 +69,15 @@ def _initialize_distributed() -> None:
   """Joins a multi-process run when the flags describe one, or when the cluster environment
   does as jax.distributed.initialize() reads it (SLURM, Open MPI, ...) and has several
   processes: a job of one task runs alone."""
+  # Longer than a save's barriers wait, one after the other: a peer lost during a save then
+  # ends the others' wait in Python (one line), not at the heartbeat timeout in C++.
+  heartbeat = 4 * checkpointing.BARRIER_TIMEOUT_S
   if _COORDINATOR.value or _NUM_PROCESSES.value:
     jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                               heartbeat_timeout_seconds=heartbeat)
   elif _detected_process_count() > 1:
-    jax.distributed.initialize()
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
 
 
 def _detected_process_count() -> int:
@@ -87,10 +92,16 @@ def _detected_process_count() -> int:
 
 
 class _QuietOrbax(logging_std.Filter):
-  """Drops Orbax's per-save INFO chatter (dozens of lines a checkpoint); keeps its warnings."""
+  """Drops Orbax's per-save INFO chatter (dozens of lines a checkpoint) and its tracebacks of
+  a barrier that a lost process left (`user_errors` says that in one line); keeps the rest."""
 
   def filter(self, record: logging_std.LogRecord) -> bool:
-    return record.levelno >= logging_std.WARNING or '/orbax/' not in record.pathname
+    if '/orbax/' not in record.pathname:
+      return True
+    if record.levelno < logging_std.WARNING:
+      return False
+    return not (record.exc_info and
+                _LOST_PEER.search(logging_std.Formatter().formatException(record.exc_info)))
 
 
 def parse_flags(argv: list[str]) -> list[str]:

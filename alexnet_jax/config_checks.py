@@ -124,8 +124,9 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) ->
   """Refuses a workdir whose saved config differs from `config`; reads only.
 
   With `allow_config_change` the run goes on and one warning says what changed. Under the
-  cosine schedule num_epochs and num_train_steps are not free: they set the horizon the
-  learning rate decays over, so changing them re-derives every remaining step's rate.
+  cosine and linear schedules num_epochs and num_train_steps are not free: they set the
+  horizon the learning rate decays over, so changing them re-derives every remaining step's
+  rate.
 
   Raises:
     ValueError: the workdir was written with another config and `allow_config_change` is off.
@@ -141,8 +142,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: epath.PathLike) ->
   if not differ:
     return
   details = '; '.join(f'{k}: workdir {saved.get(k)!r}, now {now.get(k)!r}' for k in differ)
-  horizon = ('. The cosine schedule decays over num_epochs/num_train_steps, so the new '
-             'horizon re-derives the learning rate of every remaining step'
+  horizon = (f'. The {config.lr_schedule} schedule decays over num_epochs/num_train_steps, '
+             'so the new horizon re-derives the learning rate of every remaining step'
              if config_fields.HORIZON_FIELDS & set(differ) else '')
   if config.allow_config_change:
     logging.warning('Resuming %s with a changed config (%s)%s.', workdir, details, horizon)

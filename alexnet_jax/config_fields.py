@@ -11,9 +11,11 @@ field is registered here once; tests/test_config_fields.py fails on a config fie
 import dataclasses
 from typing import Any
 
-# `Field.on_resume`: must equal the workdir's / may change / may change unless the cosine
-# schedule decays over it (then it re-derives every remaining step's learning rate).
+# `Field.on_resume`: must equal the workdir's / may change / may change unless the schedule
+# decays over it (then it re-derives every remaining step's learning rate).
 FIXED, FREE, HORIZON = 'fixed', 'free', 'horizon'
+# The schedules (`optim.SCHEDULES`) that decay to zero over the run's length.
+HORIZON_SCHEDULES = ('cosine', 'linear')
 # `Field.added` of a field that every saved config.json has.
 ALWAYS = object()
 
@@ -123,7 +125,8 @@ TRAINING_ONLY = frozenset(name for name, field in FIELDS.items() if field.traini
 def may_change_on_resume(name: str, lr_schedule: str) -> bool:
   """Whether a resumed run may change field `name` (dotted); unknown fields may not."""
   field = FIELDS.get(name, Field())
-  return field.on_resume == FREE or (field.on_resume == HORIZON and lr_schedule != 'cosine')
+  return field.on_resume == FREE or (field.on_resume == HORIZON and
+                                     lr_schedule not in HORIZON_SCHEDULES)
 
 
 def with_added_defaults(saved: dict[str, Any]) -> dict[str, Any]:

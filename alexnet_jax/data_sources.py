@@ -373,20 +373,21 @@ def tfds_builder(name: str, data_dir: Optional[str],
       preparation failed (e.g. no internet).
   """
   builder = _find_builder(name, data_dir)
-  if builder.is_prepared():
-    return builder
-  # Process 0 alone prepares (hosts writing the same files would collide); the others wait,
-  # and hear of its failure through their own check below rather than hang at the barrier.
-  failure = None
-  if jax.process_index() == 0:
-    try:
-      _prepare(builder, manual_dir)
-    except ValueError as e:
-      failure = e
-  parallel.sync_processes(f'alexnet_jax: TFDS {name} prepared')
-  if failure is not None:
-    raise failure
-  builder = _find_builder(name, data_dir)
+  # Process 0's view decides for all: a host that already sees the files process 0 has just
+  # written would otherwise skip the barrier that the others wait at.
+  if not parallel.process_0_value(builder.is_prepared()):
+    # Process 0 alone prepares (hosts writing the same files would collide); the others wait,
+    # and hear of its failure through their own check below rather than hang at the barrier.
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        _prepare(builder, manual_dir)
+      except ValueError as e:
+        failure = e
+    parallel.sync_processes(f'alexnet_jax: TFDS {name} prepared')
+    if failure is not None:
+      raise failure
+    builder = _find_builder(name, data_dir)
   if not builder.is_prepared():
     raise ValueError(f'TFDS dataset {name} is not prepared in {builder.data_dir_root} after '
                      'process 0 prepared it: give every host a data_dir on a file system they '

@@ -24,7 +24,7 @@ import numpy as np
 import optax
 
 OPTIMIZERS = ('paper_momentum', 'sgd')
-SCHEDULES = ('plateau', 'step', 'cosine', 'constant')
+SCHEDULES = ('plateau', 'step', 'cosine', 'linear', 'constant')
 
 
 def paper_momentum(learning_rate: float, momentum: float, weight_decay: float,
@@ -99,7 +99,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
   """The step-dependent part of the learning rate (the plateau scale multiplies it).
 
   'plateau' and 'constant' are flat here; 'step' multiplies by `plateau_factor` at each epoch
-  of `step_epochs`; 'cosine' decays to zero over the run. All start with a linear warmup of
+  of `step_epochs`; 'cosine' and 'linear' decay to zero over the run (half a cosine period; a
+  straight line, Li et al.'s budgeted training). All start with a linear warmup of
   `warmup_epochs` when that is positive.
   """
   if config.lr_schedule not in SCHEDULES:
@@ -113,6 +114,8 @@ def create_learning_rate_fn(config: ml_collections.ConfigDict,
                for e in config.step_epochs})
   elif config.lr_schedule == 'cosine':
     after_warmup = optax.cosine_decay_schedule(base, max(1, total_steps - warmup_steps))
+  elif config.lr_schedule == 'linear':
+    after_warmup = optax.linear_schedule(base, 0.0, max(1, total_steps - warmup_steps))
   else:
     after_warmup = optax.constant_schedule(base)
   if warmup_steps <= 0:

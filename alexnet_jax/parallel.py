@@ -144,6 +144,13 @@ def sync_processes(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def process_0_value(flag: bool) -> bool:
+  """Process 0's `flag`, on every process (all must call this at the same point)."""
+  if jax.process_count() == 1:
+    return flag
+  return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
 def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:
   """Reshapes every array [B, ...] of a host batch to [num_devices, B // num_devices, ...]."""
   return jax.tree.map(lambda x: x.reshape((num_devices, -1) + x.shape[1:]), batch)

@@ -5,7 +5,9 @@ The history file (`WORKDIR/metrics.jsonl`, one JSON object per record) is what t
 the sweep table read.
 """
 
-from collections.abc import Mapping
+import collections
+from collections.abc import Iterator, Mapping
+import contextlib
 import json
 import os
 import time
@@ -57,6 +59,31 @@ def read_history(workdir: epath.PathLike) -> list[dict[str, float]]:
   if not path.exists():
     return []
   return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class TimeSpent:
+  """Wall seconds per part of a run, each part timed where the loop enters it.
+
+  A part entered inside another is taken out of the outer one (a save inside an evaluation
+  counts as the save's), so the parts never overlap and their sum is at most the wall time.
+  """
+
+  def __init__(self):
+    self.seconds: dict[str, float] = collections.defaultdict(float)
+    self._open: list[str] = []
+
+  @contextlib.contextmanager
+  def __call__(self, part: str) -> Iterator[None]:
+    start = time.perf_counter()
+    self._open.append(part)
+    try:
+      yield
+    finally:
+      self._open.pop()
+      elapsed = time.perf_counter() - start
+      self.seconds[part] += elapsed
+      if self._open:
+        self.seconds[self._open[-1]] -= elapsed
 
 
 class Throughput:

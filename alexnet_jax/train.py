@@ -342,7 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     writer = reporting.MetricWriter(plan.workdir)
     state, meta = _restore_or_start(plan, manager, writer)
     with preemption.watch() as notice:
-      loop = _Loop(plan, manager, writer, state, meta)
+      loop = _Loop(plan, manager, writer, state, meta, started=start_time)
       loop.run(notice)
   return loop.finish(time.time() - start_time)
 
@@ -442,14 +442,23 @@ def _check_process_count(plan: _Plan, saved: int | None) -> None:
                    '--config.allow_config_change=True to go on with another stream.')
 
 
+# What `_Loop` times (`reporting.TimeSpent`): from the start to the first step (reading the
+# workdir, building the state and the input pipeline), the first step (its compilation
+# included), the steps after it (waiting for each, and the logs), waiting for the next batch,
+# evaluations (their compilation included) and saves.
+_TIME_PARTS = ('setup', 'first_step', 'train_steps', 'input_wait', 'evaluation',
+               'checkpoints')
+
+
 class _Loop:
   """The step loop of one run and what happens at its logs, evaluations and saves."""
 
   def __init__(self, plan: _Plan, manager: Any, writer: reporting.MetricWriter,
-               state: TrainState, meta: dict[str, Any]):
+               state: TrainState, meta: dict[str, Any], started: float):
     from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     config = plan.config
     self.plan, self.manager, self.writer, self.meta = plan, manager, writer, meta
+    self.started, self.time_spent = started, reporting.TimeSpent()
     self.start_step = int(state.step)
     self.par = plan.data_parallel
     normalization = normalize.for_config(config)
@@ -471,24 +480,24 @@ class _Loop:
   def run(self, notice: preemption.Notice) -> None:
     """Steps to the end of the run; raises `Preempted` after saving when `notice` says so."""
     plan, config = self.plan, self.plan.config
+    self.time_spent.seconds['setup'] = time.time() - self.started
     if self.meta.pop('eval_pending', False) and not self._evaluate(self.start_step, notice):
       raise Preempted(self.start_step)  # Preempted again during the same evaluation.
     batches = self.par.prefetch(self.train_batches, config.prefetch_to_device)
     for step in range(self.start_step + 1, plan.total_steps + 1):
-      self.replicated, metrics = self.p_train_step(self.replicated, next(batches))
-      if step == self.start_step + 1:
-        host_memory.release_freed(after=metrics)  # What compiling freed: hundreds of MiB.
-      self.pending.append(metrics)
-      if len(self.pending) > 1:
-        # At most one step queued behind the running one: without this, dispatch runs up to
-        # log_every_steps ahead, and a preemption waits for all of them before the save.
-        jax.block_until_ready(self.pending[-2])
+      # The step before this one is still running here: a wait means input came slower.
+      with self.time_spent('input_wait'):
+        batch = next(batches)
+      first = step == self.start_step + 1
+      with self.time_spent('first_step' if first else 'train_steps'):
+        self._step(batch, first)
       stop = notice.reached()
       is_eval = step % plan.eval_every == 0 or step == plan.total_steps
       if step in self.step_drops:
         self.writer.write(step, 'lr_drop', {'scale': config.plateau_factor})
       if step % config.log_every_steps == 0 or is_eval or stop:
-        self._log_train(step)
+        with self.time_spent('train_steps'):  # It waits for the last step's metrics.
+          self._log_train(step)
       if is_eval and not stop:
         stop = not self._evaluate(step, notice)
       elif is_eval or stop or step % config.checkpoint_every_steps == 0:
@@ -496,6 +505,18 @@ class _Loop:
       if stop:
         checkpointing.wait(self.manager)
         raise Preempted(step)
+
+  def _step(self, batch: Any, first: bool) -> None:
+    """Dispatches a train step; waits for the one before it (the `first`: for itself, and
+    so for its compilation)."""
+    self.replicated, metrics = self.p_train_step(self.replicated, batch)
+    if first:
+      host_memory.release_freed(after=metrics)  # What compiling freed: hundreds of MiB.
+    self.pending.append(metrics)
+    if len(self.pending) > 1:
+      # At most one step queued behind the running one: without this, dispatch runs up to
+      # log_every_steps ahead, and a preemption waits for all of them before the save.
+      jax.block_until_ready(self.pending[-2])
 
   def _log_train(self, step: int) -> None:
     """Checks and writes the train metrics of the steps since the last log."""
@@ -512,8 +533,8 @@ class _Loop:
     """Evaluates, runs the plateau rule, plots and saves; False if `notice` cut it short
     (then the state is saved to be evaluated on resume)."""
     config = self.plan.config
-    metrics = evaluate(self.p_eval_step, self.replicated, config, self.par,
-                       notice=notice)
+    with self.time_spent('evaluation'):
+      metrics = evaluate(self.p_eval_step, self.replicated, config, self.par, notice=notice)
     if metrics is None:
       logging.warning('Preempted during the evaluation of step %d: it runs again on resume.',
                       step)
@@ -538,11 +559,21 @@ class _Loop:
 
   def _save(self, eval_top1: float | None = None, eval_pending: bool = False) -> None:
     """Saves the state; `eval_pending`: its step's evaluation is still to run (on resume)."""
-    state = self.par.get(self.replicated)
-    if eval_pending and int(state.step) in self.manager.all_steps():
-      return  # Preempted again before evaluating this restored state: it is saved as it is.
-    meta = {**self.meta, 'eval_pending': True} if eval_pending else self.meta
-    checkpointing.save(self.manager, state, meta, eval_top1)
+    with self.time_spent('checkpoints'):
+      state = self.par.get(self.replicated)
+      if eval_pending and int(state.step) in self.manager.all_steps():
+        return  # Preempted again before evaluating this restored state: saved as it is.
+      meta = {**self.meta, 'eval_pending': True} if eval_pending else self.meta
+      checkpointing.save(self.manager, state, meta, eval_top1)
+
+  def _time_report(self, wall_time_s: float) -> dict[str, float]:
+    """Seconds of this run (since it started or resumed) per part, logged; 'other' is the
+    rest of the wall time: plots, the last save's wait, the summary."""
+    parts = {part: self.time_spent.seconds[part] for part in _TIME_PARTS}
+    parts['other'] = wall_time_s - sum(parts.values())
+    logging.info('Where the %.0f s went: %s.', wall_time_s,
+                 ', '.join(f'{part} {seconds:.1f} s' for part, seconds in parts.items()))
+    return {part: round(seconds, 2) for part, seconds in parts.items()}
 
   def finish(self, wall_time_s: float) -> tuple[TrainState, dict[str, Any]]:
     """The final state and metrics; writes final_metrics.json (process 0)."""
@@ -557,7 +588,7 @@ class _Loop:
              # Since this run started (not before a resume); includes the prefetched batches.
              'skipped_train_images': parallel.sum_over_processes(self.train_batches.num_skipped),
              'skipped_eval_images': eval_metrics.get('skipped_images', 0),
-             'wall_time_s': wall_time_s}
+             'wall_time_s': wall_time_s, 'time_s': self._time_report(wall_time_s)}
     if final['skipped_train_images'] or final['skipped_eval_images']:
       logging.warning('Skipped %d undecodable training images and %d in the last evaluation '
                       '(each named in the log).', final['skipped_train_images'],

@@ -106,7 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --------------------------------------------------- learning rate
   # 'plateau': divide by plateau_factor when val top-1 stops improving (paper, three times);
-  # 'step': multiply by plateau_factor at each epoch in step_epochs; 'cosine'; 'constant'.
+  # 'step': multiply by plateau_factor at each epoch in step_epochs; 'cosine' and 'linear'
+  # (decay to zero over the run; linear: budgeted training, Li et al. 2020); 'constant'.
   config.lr_schedule = 'plateau'
   config.plateau_factor = 0.1  # Paper: divide by 10.
   config.plateau_patience = 3  # Evaluations without improvement before a drop (our choice).

@@ -63,6 +63,7 @@ def test_the_pytorch_process_times_its_steps_without_ever_importing_jax():
   assert result['peak_mib'] > 0
 
 
+@pytest.mark.slow
 def test_the_train_step_benchmark_runs_fresh_and_shared_end_to_end():
   """The script's two modes at a tiny size: fresh processes print the per-pair ratio and the
   memory of both; the same-process mode (run as a module) says it is one."""

@@ -216,18 +216,20 @@ _KILLED_WHILE_SAVING_SCRIPT = """
 import os, signal, sys, types
 sys.path.insert(0, {test_dir!r})
 from test_checkpointing import _state, CONFIG
-from alexnet_jax import checkpointing, train
+from alexnet_jax import checkpointing, reporting, train
 manager = checkpointing.create_manager({directory!r}, keep=5)
 def killed(*args, **kwargs):  # SIGKILL the moment a save starts, as a scheduler's grace ends.
   os.kill(os.getpid(), signal.SIGKILL)
 manager.save = killed
 loop = types.SimpleNamespace(par=types.SimpleNamespace(get=lambda tree: tree), manager=manager,
-                             replicated=_state(2, 2.0), meta={{'config': CONFIG}})
+                             replicated=_state(2, 2.0), meta={{'config': CONFIG}},
+                             time_spent=reporting.TimeSpent())
 train._Loop._save(loop, **{save_args})
 print('RETURNED')
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('save_args, returns', [
     # The pending evaluation ran to its end: the step is saved again, with its result.
     ({'eval_top1': 0.5}, False),

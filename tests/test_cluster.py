@@ -4,14 +4,16 @@ What the others do when one process of a job dies: tests/test_distributed.py, th
 """
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax
 import pytest
 
-from alexnet_jax import cli
+from alexnet_jax import checkpointing, cli
 from test_distributed import free_port, with_devices
 from test_main import REPO
 
@@ -48,7 +50,8 @@ def test_a_job_of_several_processes_that_jax_detects_is_joined(joins, monkeypatc
   for name, value in environment.items():
     monkeypatch.setenv(name, value)
   cli._initialize_distributed()  # pylint: disable=protected-access
-  assert joins == [{}]  # JAX reads the rest from the environment.
+  # JAX reads the rest from the environment.
+  assert joins == [{'heartbeat_timeout_seconds': 4 * checkpointing.BARRIER_TIMEOUT_S}]
 
 
 @pytest.mark.parametrize('environment', [
@@ -69,7 +72,8 @@ def test_the_flags_are_joined_as_given(joins, monkeypatch):
   cli._NUM_PROCESSES.value = 2  # pylint: disable=protected-access
   cli._PROCESS_ID.value = 1  # pylint: disable=protected-access
   cli._initialize_distributed()  # pylint: disable=protected-access
-  assert joins == [{'coordinator_address': 'host0:1234', 'num_processes': 2, 'process_id': 1}]
+  assert joins == [{'coordinator_address': 'host0:1234', 'num_processes': 2, 'process_id': 1,
+                    'heartbeat_timeout_seconds': 4 * checkpointing.BARRIER_TIMEOUT_S}]
 
 
 _START = """
@@ -107,3 +111,51 @@ def test_two_mpirun_ranks_join_one_job(env):
         'OMPI_COMM_WORLD_SIZE': '2', 'OMPI_COMM_WORLD_RANK': str(rank),
         'OMPI_COMM_WORLD_LOCAL_RANK': str(rank)} for rank in (0, 1)], timeout=120)
   assert [f'JOINED {rank} 2' in log for rank, log in enumerate(logs)] == [True, True], logs
+
+
+# Process 1 dies after starting an asynchronous save, so process 0's save waits for it in
+# Orbax's barrier (JAX's coordination service, not a gloo collective).
+_LOST_IN_CHECKPOINT_BARRIER = """
+import os, signal
+import numpy as np
+from absl import app
+from alexnet_jax import checkpointing, cli
+from flax.training import train_state
+import jax
+import optax
+
+# Shorter than the 30 s a job waits, to keep the test short; the heartbeat follows it (cli).
+checkpointing.BARRIER_TIMEOUT_S = WAIT_SECONDS
+
+def main(argv):
+  cli.start()
+  state = train_state.TrainState.create(apply_fn=None, params={'w': np.ones(4, np.float32)},
+                                        tx=optax.sgd(0.1))
+  manager = checkpointing.create_manager(argv[1], keep=2)
+  with cli.user_errors():
+    checkpointing.save(manager, state, {'step': 0})
+    if jax.process_index() == 1:
+      os.kill(os.getpid(), signal.SIGKILL)
+    checkpointing.wait(manager)
+
+app.run(main)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_lost_during_a_checkpoint_save_ends_the_others_in_one_line(env, tmp_path):
+  port, barrier = free_port(), 5
+  start = time.monotonic()
+  codes, logs = run_together(
+      [[sys.executable, '-c', _LOST_IN_CHECKPOINT_BARRIER.replace('WAIT_SECONDS', f'{barrier}'),
+        str(tmp_path / 'checkpoints'),
+        f'--coordinator_address=localhost:{port}', '--num_processes=2', f'--process_id={rank}']
+       for rank in (0, 1)], [with_devices(env, 1)] * 2, timeout=240)
+  seconds = time.monotonic() - start
+  assert codes == [1, -signal.SIGKILL], logs
+  lost = [line for line in logs[0].splitlines() if 'Lost process' in line]
+  assert len(lost) == 1 and 'Lost process 1 of this 2-process job (' in lost[0], logs[0]
+  assert 'Traceback' not in logs[0] and 'Terminating process' not in logs[0], logs[0]
+  # At the save's barrier timeouts (two in turn), before JAX's heartbeat timeout (4 of them);
+  # start-up takes under 15 s.
+  assert seconds < 3 * barrier + 15, seconds

@@ -76,6 +76,7 @@ def test_resume_rules_come_from_the_registry(tmp_path):
     config_checks.check_workdir(config, workdir)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('field, value', [('input_channels', 1), ('model.conv1_padding', 4)])
 def test_a_checkpoint_of_other_shapes_is_refused_naming_the_field(tiny_runs, field, value):
   config = inference.load_config(None, tiny_runs['a'])

@@ -52,6 +52,7 @@ def test_torch_reference_has_torchvision_names_and_shapes(state_dicts):
   assert state_dicts['paper']['features.4.weight'].shape == (256, 48, 5, 5)  # 2 groups.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', torch_reference.VARIANTS)  # d2l: tests/test_d2l.py.
 def test_round_trips_are_exact(variant, state_dicts):
   state_dict = state_dicts[variant]

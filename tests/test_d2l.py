@@ -348,6 +348,7 @@ def test_bad_scaling_and_padding_values_name_their_field():
                    jax.random.key(0), jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32))
 
 
+@pytest.mark.slow
 def test_d2l_network_learns_grey_digits(tmp_path):
   """The fashion_mnist config on its offline stand-in: the bundled digits, 1 channel.
 

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import pytest
 
+from alexnet_jax import checkpointing
 from configs import default
 from test_main import REPO, assert_bit_equal, final_params, main_command, run_main, trained
 
@@ -157,6 +158,7 @@ def rerun_resumes_and_ends_as(job_dir, workdir, shards, env, step: int) -> Job:
   return rerun
 
 
+@pytest.mark.slow
 def test_a_job_run_twice_ends_with_the_same_parameters_and_a_rerun_changes_nothing(
     job, shards, env, tmp_path):
   workdir = tmp_path / 'run'
@@ -178,6 +180,7 @@ def test_a_job_run_twice_ends_with_the_same_parameters_and_a_rerun_changes_nothi
   assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in workdir.rglob('*')} == files
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes_bit_exactly(
     job, shards, env, tmp_path):
   """JAX's preemption service carries process 1's notice to process 0: both save the same
@@ -197,6 +200,7 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes_bit_exact
   rerun_resumes_and_ends_as(job, workdir, shards, env, step)
 
 
+@pytest.mark.slow
 def test_sigkill_of_one_process_ends_the_job_and_a_rerun_ends_as_the_uninterrupted_one(
     job, shards, env, tmp_path):
   workdir = tmp_path / 'run'
@@ -204,24 +208,23 @@ def test_sigkill_of_one_process_ends_the_job_and_a_rerun_ends_as_the_uninterrupt
     killed.wait_for_checkpoint(STEPS)
     killed.processes[1].send_signal(signal.SIGKILL)
     start = time.monotonic()
-    # A loss met inside a checkpoint's barrier (the coordination service, not gloo) is ended
-    # by JAX's heartbeat timeout (100 s) with its own message: allow for it.
-    codes = killed.wait(timeout=240, grace=180)
+    codes = killed.wait(timeout=240, grace=3 * checkpointing.BARRIER_TIMEOUT_S)
     seconds = time.monotonic() - start
   survivor = killed.logs()[0]
-  assert codes[1] == -signal.SIGKILL and codes[0] not in (0, -signal.SIGKILL), killed.tails()
+  assert codes == [1, -signal.SIGKILL], killed.tails()
   lost = [line for line in survivor.splitlines() if 'Lost process' in line]
-  if lost:  # Met in a collective step: one line naming the lost process, at once.
-    assert codes[0] == 1 and len(lost) == 1, survivor[-3000:]
-    assert 'Lost process 1 of this 2-process job (' in lost[0], survivor[-3000:]
-    assert lost[0].endswith('rerun the job.')
-    assert 'Traceback' not in survivor and 'Fatal Python error' not in survivor, survivor[-3000:]
-    assert seconds < 30, seconds
+  assert len(lost) == 1 and 'Lost process 1 of this 2-process job (' in lost[0], survivor[-3000:]
+  assert lost[0].endswith('rerun the job.')
+  assert 'Traceback' not in survivor and 'Fatal Python error' not in survivor, survivor[-3000:]
+  # Met in a training step's collective: at once; in a save's barriers: at their timeouts
+  # (tests/test_cluster.py holds that case on its own).
+  assert seconds < (30 if 'Gloo' in lost[0] else 3 * checkpointing.BARRIER_TIMEOUT_S), lost
   complete = max(int(p.name) for p in (workdir / 'checkpoints').iterdir() if p.name.isdigit())
   assert complete >= STEPS
   rerun_resumes_and_ends_as(job, workdir, shards, env, complete)
 
 
+@pytest.mark.slow
 def test_a_damaged_newest_checkpoint_is_moved_aside_once_and_all_restore_the_older(
     job, shards, env, tmp_path):
   workdir = copy_until(job, 2 * STEPS, tmp_path / 'run')
@@ -235,6 +238,7 @@ def test_a_damaged_newest_checkpoint_is_moved_aside_once_and_all_restore_the_old
   assert [p.name for p in (workdir / 'checkpoints-damaged').iterdir()] == [str(2 * STEPS)]
 
 
+@pytest.mark.slow
 def test_resuming_on_another_process_count_is_refused_naming_it(job, env, shards, tmp_path):
   workdir = copy_until(job, STEPS, tmp_path / 'run')
   config = (workdir / 'config.json').read_text()
@@ -248,6 +252,7 @@ def test_resuming_on_another_process_count_is_refused_naming_it(job, env, shards
   assert max(int(p.name) for p in (workdir / 'checkpoints').iterdir()) == STEPS
 
 
+@pytest.mark.slow
 def test_a_checkpoint_resumes_on_more_devices_per_process(job, shards, env, tmp_path):
   """Checkpoints hold host arrays: 2 processes x 2 devices go on from 2 x 1's checkpoint.
   The per-device batch halves, so sums run in another order (see `assert_same_training`)."""
@@ -277,6 +282,7 @@ def assert_same_training(a, b, *, start):
     assert np.linalg.norm(a[key] - b[key]) <= 0.05 * moved, key
 
 
+@pytest.mark.slow
 def test_two_processes_under_mesh_train_as_under_pmap(job, shards, env, tmp_path):
   """jit over a Mesh of both processes' devices, each feeding its half of the global batch
   through make_array_from_process_local_data: pmap's parameters, bit for bit."""
@@ -288,6 +294,7 @@ def test_two_processes_under_mesh_train_as_under_pmap(job, shards, env, tmp_path
   assert_bit_equal(trained(final_params(workdir)), trained(final_params(job, step=STEPS)))
 
 
+@pytest.mark.slow
 def test_model_parallelism_on_two_processes_of_two_devices_trains_as_pmap(
     job, shards, env, tmp_path):
   """The paper's split on each host's 2 devices, data parallel across the 2 hosts: the same
@@ -304,6 +311,7 @@ def test_model_parallelism_on_two_processes_of_two_devices_trains_as_pmap(
     np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+@pytest.mark.slow
 def test_two_processes_on_in_memory_data_train_as_one_process_on_the_same_global_batch(
     env, tmp_path):
   """Where every process lists the whole split (paths, pixels), the global batch does not

@@ -66,6 +66,7 @@ def _numpy_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
           'loss': float(-np.mean(np.log(probs[np.arange(len(labels)), labels])))}
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('commands')  # Started first: they run while this test does.
 def test_an_ensemble_of_one_model_is_that_models_evaluation(tiny_runs):
   config, state = _load(tiny_runs['a'])
@@ -78,6 +79,7 @@ def test_an_ensemble_of_one_model_is_that_models_evaluation(tiny_runs):
   assert combined['loss'] == pytest.approx(alone['loss'], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_two_is_their_averaged_softmax(tiny_runs, commands):
   status, stdout, stderr = commands['pair']
   assert status == 0, stderr[-3000:]

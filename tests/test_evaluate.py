@@ -72,6 +72,7 @@ def _logged_eval(workdir) -> dict[str, float]:
   return record
 
 
+@pytest.mark.slow
 def test_latest_on_one_device_equals_the_training_eval(trained, results):
   status, stdout, stderr = results['latest']
   assert status == 0, stderr[-3000:]

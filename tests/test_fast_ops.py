@@ -50,6 +50,7 @@ _CONVS = [(23, 3, 8, 11, 4, 2, 1), (9, 6, 8, 5, 1, 2, 2), (7, 8, 6, 3, 1, 1, 2),
           (7, 4, 5, 3, 1, 1, 1), (15, 3, 4, 5, 2, 1, 1), (30, 2, 3, 3, 4, 0, 1)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size,c_in,c_out,kernel,stride,pad,groups', _CONVS)
 def test_conv_matches_lax_and_torch(size, c_in, c_out, kernel, stride, pad, groups):
   kx, kw, kg = jax.random.split(jax.random.PRNGKey(size + kernel), 3)
@@ -80,6 +81,7 @@ def _tied_activations(shape, seed):
   return jnp.round(jax.nn.relu(x) * 2) / 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('size', [13, 14])
 def test_max_pool_gradient_goes_to_first_maximum(size):
   x = _tied_activations((2, size, size, 3), size)
@@ -111,6 +113,7 @@ def test_model_convolutions_take_the_cpu_path():
   assert 'feature_group_count=1' in jaxpr and 'feature_group_count=2' not in jaxpr
 
 
+@pytest.mark.slow
 def test_ops_xla_traces_no_cpu_form_and_agrees_with_the_cpu_forms():
   """config.model.ops switches fast_ops off: the 'xla' network is XLA's ops alone (what a GPU
   traces), with the 'cpu' network's logits and gradients to float rounding."""
@@ -147,6 +150,7 @@ def test_ops_auto_is_the_cpu_forms_on_cpu_only(monkeypatch):
   assert train.model_ops(config) == 'cpu'  # Said explicitly, it is kept.
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('groups,padding', [(2, ((1, 1), (1, 1))), (4, ((0, 2), (1, 0)))])
 def test_partitionable_grouped_conv_matches_lax(groups, padding):
   """The batch-grouped form (model parallelism) gives lax's grouped convolution and gradients,
@@ -199,6 +203,7 @@ def _kernels(start: str, env, *args, xla_flags: str = '') -> dict:
       check=True).stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('ops', ['auto', 'xla'])
 def test_the_commands_take_eigen_convolutions_unless_ops_is_xla(ops, env):
   """cli.start's choice, in a fresh process (XLA reads its flags once, at start): XLA:CPU's

@@ -67,6 +67,7 @@ def digits_config():
   return config
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_with_a_new_fc8_and_resuming_ignores_init_from(runs, imagenet_npz):
   _, (first, resumed) = runs
   assert 'init_from: fc8 has 1000 classes, config has 10: fc8 re-initialised.' in first
@@ -76,6 +77,7 @@ def test_fine_tuning_starts_with_a_new_fc8_and_resuming_ignores_init_from(runs, 
   assert 'init_from:' not in resumed
 
 
+@pytest.mark.slow
 def test_step_zero_holds_the_loaded_weights_but_a_new_fc8(imagenet_npz, caplog):
   with caplog.at_level(logging.INFO):
     state = train.create_train_state(digits_config(), jax.random.PRNGKey(0), str(imagenet_npz))
@@ -89,6 +91,7 @@ def test_step_zero_holds_the_loaded_weights_but_a_new_fc8(imagenet_npz, caplog):
   assert params['fc8/kernel'].shape == (4096, 10) and np.isfinite(params['fc8/kernel']).all()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('variant', ['paper', 'torchvision'])
 def test_torch_state_dict_gives_the_converted_params(tmp_path, variant):
   state_dict = torch_state_dict(variant, 1000, seed=1)
@@ -101,6 +104,7 @@ def test_torch_state_dict_gives_the_converted_params(tmp_path, variant):
   jax.tree.map(np.testing.assert_array_equal, params, expected)
 
 
+@pytest.mark.slow
 def test_a_damaged_init_from_file_stops_main_with_one_line(tmp_path, env, imagenet_npz):
   damaged = tmp_path / 'damaged.npz'
   damaged.write_bytes(imagenet_npz.read_bytes()[:4096])  # A download cut short.

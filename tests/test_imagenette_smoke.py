@@ -7,11 +7,13 @@ batch 50 (10 epochs) through `python -m alexnet_jax.main`, exactly as a user run
 10% and ln(10) = 2.30; seeds 0-2 reached the val top-1 and train loss listed in docs/results.md.
 """
 
+import json
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from test_main import REPO
 
@@ -50,6 +52,7 @@ def smoke_run(tmp_path_factory, imagenette_dir):
   return reporting.read_history(workdir)
 
 
+@pytest.mark.slow
 def test_paper_alexnet_learns_imagenette_subset(smoke_run):
   train = [r for r in smoke_run if r['kind'] == 'train']
   evals = [r for r in smoke_run if r['kind'] == 'eval']
@@ -57,3 +60,35 @@ def test_paper_alexnet_learns_imagenette_subset(smoke_run):
   assert evals[-1]['top1'] > 0.25, evals
   # The mean loss of the last 20 steps, well below the uniform guess's ln(10).
   assert train[-1]['loss'] < math.log(10) - 0.3, train
+
+
+@pytest.mark.slow
+def test_the_30_minute_recipe_runs_as_its_docstring_says(tiny_imagenette, tmp_path, env):
+  """configs/imagenette_30min.py's two commands on 40 photos, for 4 steps: the data prepared
+  at its 128 px, then trained at 112 px with its schedule, and the run's time accounted for."""
+  prepared, workdir = tmp_path / 'prepared', tmp_path / 'run'
+  config = '--config=configs/imagenette_30min.py'
+  subprocess.run([sys.executable, '-m', 'alexnet_jax.prepare', config, '--config.dataset=folder',
+                  f'--config.data_dir={tiny_imagenette}', f'--output={prepared}'],
+                 cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+  assert json.loads((prepared / 'metadata.json').read_text())['settings']['size'] == 128
+  result = subprocess.run(
+      [sys.executable, '-m', 'alexnet_jax.main', config, f'--config.data_dir={prepared}',
+       f'--workdir={workdir}', '--config.batch_size=20', '--config.eval_batch_size=20',
+       '--config.num_train_steps=4', '--config.log_every_steps=1'], cwd=REPO, env=env,
+      capture_output=True, text=True, timeout=600, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  history = reporting.read_history(workdir)
+  # 2 steps an epoch: 1 epoch of warmup from 0, then 'linear' from 0.01 to 0 over 2 steps.
+  np.testing.assert_allclose([r['learning_rate'] for r in history if r['kind'] == 'train'],
+                             [0.0, 0.005, 0.01, 0.005], rtol=1e-5)
+  final = json.loads((workdir / 'final_metrics.json').read_text())
+  assert final['step'] == 4 and final['eval_top1'] is not None
+  assert sum(final['time_s'].values()) == pytest.approx(final['wall_time_s'], abs=0.05)
+  # The time-to-accuracy table and curve of docs/results.md read such a run.
+  table = subprocess.run(
+      [sys.executable, 'benchmarks/time_to_accuracy.py', f'--out={tmp_path / "t.png"}',
+       f'smoke={workdir}'], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+  row = f"| smoke | 112 | 2 | 20 | {final['wall_time_s'] / 60:.1f} | "
+  assert f"{row}{100 * final['eval_top1']:.1f}% |" in table.stdout, table.stdout
+  assert (tmp_path / 't.png').stat().st_size > 0

@@ -78,6 +78,7 @@ def uninterrupted(tmp_path_factory, env):
   return workdir
 
 
+@pytest.mark.slow
 def test_main_runs_and_leaves_its_outputs(uninterrupted):
   names = {p.name for p in uninterrupted.iterdir()}
   assert {'checkpoints', 'tensorboard', 'curves.png', 'metrics.jsonl', 'config.json',
@@ -85,6 +86,7 @@ def test_main_runs_and_leaves_its_outputs(uninterrupted):
   assert list((uninterrupted / 'tensorboard').iterdir())
 
 
+@pytest.mark.slow
 def test_second_run_resumes_at_saved_step(tmp_path, env):
   # A constant schedule: under cosine the horizon, num_train_steps, may not change.
   first = run_main(tmp_path, '--config.num_train_steps=4', '--config.lr_schedule=constant',
@@ -117,6 +119,7 @@ def _wait_for(predicate, process, timeout=300):
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path, env, uninterrupted):
   process = _start(tmp_path, env)
   _wait_for(lambda: (tmp_path / 'checkpoints' / '4').exists(), process)
@@ -128,6 +131,7 @@ def test_sigkill_then_rerun_gives_bit_identical_params(tmp_path, env, uninterrup
   assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bit_exactly(tmp_path, env,
                                                                          uninterrupted):
   process = _start(tmp_path, env)
@@ -163,6 +167,7 @@ def test_bad_input_is_one_clear_error_and_nonzero_exit(tmp_path, env, flags, mes
   assert 'Traceback' not in result.stderr, result.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_workdir_of_another_config_is_refused(tmp_path, env):
   first = run_main(tmp_path, '--config.num_train_steps=1', env=env)
   assert first.returncode == 0, first.stderr[-3000:]
@@ -178,6 +183,7 @@ def _file_stats(workdir) -> dict[str, tuple[int, int]]:
           for p in pathlib.Path(workdir).rglob('*') if p.is_file()}
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_run_says_so_and_leaves_every_file(tmp_path, env, uninterrupted):
   workdir = tmp_path / 'run'
   shutil.copytree(uninterrupted, workdir)
@@ -191,6 +197,7 @@ def test_rerun_of_a_finished_run_says_so_and_leaves_every_file(tmp_path, env, un
   assert (workdir / 'final_metrics.json').read_text() == summary
 
 
+@pytest.mark.slow
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_bit_exactly(
     tmp_path, env, uninterrupted):
   """The run is complete, then its last checkpoint is damaged: a rerun warns, moves it aside,
@@ -214,6 +221,7 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_run_ends_bit_exactly(
   assert again.returncode == 0 and 'holds a finished run: step 12' in again.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_during_a_long_evaluation_saves_and_the_rerun_evaluates_it(
     tmp_path, env, uninterrupted):
   """The last step's evaluation covers the whole split in batches of 8 (45 batches): a
@@ -250,6 +258,7 @@ def _cut_to(source, workdir, step: int) -> None:
       shutil.rmtree(path)
 
 
+@pytest.mark.slow
 def test_mesh_trains_as_pmap_and_checkpoints_resume_across_the_two(tmp_path, env,
                                                                     uninterrupted):
   """jit over a Mesh, 12 steps with dropout: bit-identical to pmap's run. Its checkpoint of
@@ -268,6 +277,7 @@ def test_mesh_trains_as_pmap_and_checkpoints_resume_across_the_two(tmp_path, env
     assert_bit_equal(final_params(workdir), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_model_parallel_resumes_pmaps_run_evaluates_and_hands_back_to_pmap(tmp_path, env,
                                                                            uninterrupted):
   """The paper's split over the 2 devices through the same command: it resumes pmap's step 4,
@@ -290,6 +300,7 @@ def test_model_parallel_resumes_pmaps_run_evaluates_and_hands_back_to_pmap(tmp_p
   assert json.loads((back / 'final_metrics.json').read_text())['step'] == 12
 
 
+@pytest.mark.slow
 def test_an_error_mid_run_awaits_the_pending_save_and_is_one_line(tmp_path, env):
   """A learning rate of 1e8 overflows at step 3, found at the log of step 4, while the save
   of step 2 may still be writing: one line, no traceback, and checkpoint 2 complete."""

@@ -66,6 +66,7 @@ def single_device_grads(small_real_batch):
   return _run('mesh', 1, _grads_and_logits, _config('mesh'), small_real_batch)[0]
 
 
+@pytest.mark.slow
 def test_only_conv3_the_fully_connected_layers_and_the_lrn_halo_communicate(small_real_batch):
   """The paper's split on 1x2: the layers whose forward or backward moves data between the
   halves, read from the compiled program's collectives (their jax op names). The grouped
@@ -83,6 +84,7 @@ def test_only_conv3_the_fully_connected_layers_and_the_lrn_halo_communicate(smal
   assert 'all-to-all' not in {kind for kind, _ in moved}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_devices', DEVICES)
 def test_logits_and_gradients_equal_a_single_devices(small_real_batch, single_device_grads,
                                                      num_devices):
@@ -125,6 +127,7 @@ def test_each_device_holds_half_of_every_layer():
                                 state.params['fc6']['kernel'])
 
 
+@pytest.mark.slow
 def test_train_step_equals_data_parallels_and_resumes_under_pmap(small_real_batch, tmp_path):
   """On 2x2, one step with dropout equals 'mesh' on the 2 devices of the data axis alone (the
   same masks: keyed by the index along 'batch'); its checkpoint resumes under pmap and the

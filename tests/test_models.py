@@ -157,6 +157,7 @@ def test_bad_arguments_raise_value_errors():
     models.min_input_size('vgg')
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('scheme', models.INIT_SCHEMES)
 def test_initializers(scheme):
   params = models.AlexNet(init_scheme=scheme).init(

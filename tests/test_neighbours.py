@@ -53,6 +53,7 @@ def model(tiny_runs):
   return config, inference.load_state(config, tiny_runs['a'])
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures('commands')  # Started first: they run while this test does.
 def test_features_are_what_fc8_reads_and_are_stored_once(model, tmp_path):
   config, state = model
@@ -106,6 +107,7 @@ def test_k_larger_than_the_bank_is_an_error():
                      parallel.create('pmap', jax.devices()))
 
 
+@pytest.mark.slow
 def test_a_training_photo_finds_itself_first(commands, query_photo, tiny_runs, out):
   status, stdout, stderr = commands['queries']
   assert status == 0, stderr[-3000:]

@@ -65,6 +65,7 @@ def _eval_sums(state, batch):
   return parallel.unreplicate(out)
 
 
+@pytest.mark.slow
 def test_multi_crop_eval_averages_probabilities_as_numpy_does(small_real_batch):
   """Two different crops of each image, the image and its mirror: the step's loss and top-k
   are those of numpy's average of the two softmaxes."""
@@ -203,12 +204,14 @@ def test_resumed_optimizer_state_takes_momentum_and_weight_decay_from_the_config
   np.testing.assert_allclose(got['w'], [2.0 - 0.12], rtol=1e-6)
 
 
-def test_changing_the_cosine_horizon_on_resume_is_refused_naming_the_field(tmp_path):
-  config = tiny_config(lr_schedule='cosine', num_train_steps=20)
+@pytest.mark.parametrize('schedule', ['cosine', 'linear'])
+def test_changing_the_horizon_of_a_decaying_schedule_on_resume_is_refused_naming_it(
+    schedule, tmp_path):
+  config = tiny_config(lr_schedule=schedule, num_train_steps=20)
   config_checks.check_workdir(config, tmp_path)
   config_checks.write_config(config, tmp_path)
-  longer = tiny_config(lr_schedule='cosine', num_train_steps=40)
-  with pytest.raises(ValueError, match=r'num_train_steps: workdir 20, now 40.*cosine'):
+  longer = tiny_config(lr_schedule=schedule, num_train_steps=40)
+  with pytest.raises(ValueError, match=rf'num_train_steps: workdir 20, now 40.*{schedule}'):
     config_checks.check_workdir(longer, tmp_path)
   # The constant schedule does not depend on the horizon: extending it is free.
   constant = tiny_config(lr_schedule='constant', num_train_steps=20)

@@ -25,6 +25,7 @@ def _train_steps(kind: str, num_devices: int, batch, steps: int = 3):
   return data_parallel.get(state), data_parallel.get(metrics)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('num_devices', [1, 2, 4])
 def test_mesh_train_steps_are_bit_identical_to_pmap(small_real_batch, num_devices):
   """With dropout on: both key each device's masks by its index along the same axis."""
@@ -49,6 +50,7 @@ def test_mesh_state_is_global_replicated_and_the_batch_split(small_real_batch):
                                 small_real_batch['image'])
 
 
+@pytest.mark.slow
 def test_mesh_eval_step_sums_equal_pmaps(small_real_batch):
   config = tiny_config()
   state = train.create_train_state(config, jax.random.PRNGKey(0))

@@ -52,6 +52,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   return workdir
 
 
+@pytest.mark.slow
 def test_prints_top5_names_of_real_photos_and_survives_a_broken_file(
     workdir, imagenet_samples_dir, tmp_path, env):
   photos = sorted(imagenet_samples_dir.glob('*.JPEG'))[:4]

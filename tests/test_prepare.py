@@ -217,6 +217,7 @@ def test_the_source_reads_the_records_in_order_and_shuffled(prepared):
   assert sorted(shuffled) == sorted(h['key'] for h in handles)
 
 
+@pytest.mark.slow
 def test_a_short_training_run_on_the_prepared_data(prepared, tmp_path):
   config = _config(prepared, dataset='prepared', batch_size=4, eval_batch_size=8,
                    num_train_steps=2, prefetch_to_device=1, num_devices=1, cache=False)
@@ -225,6 +226,7 @@ def test_a_short_training_run_on_the_prepared_data(prepared, tmp_path):
   assert final['step'] == 2 and np.isfinite(final['eval_loss'])
 
 
+@pytest.mark.slow
 def test_missing_data_is_one_line_and_a_nonzero_exit(tmp_path):
   command = [sys.executable, '-m', 'alexnet_jax.prepare', '--config=configs/imagenette.py',
              f'--config.data_dir={tmp_path / "nothing"}', f'--output={tmp_path / "out"}']

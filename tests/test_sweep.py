@@ -237,6 +237,7 @@ def test_device_groups(monkeypatch):
     sweep.device_groups(3, 2)
 
 
+@pytest.mark.slow
 def test_sweep_runs_the_real_main(tmp_path):
   root = tmp_path / 'sweep'
   # One CPU device is all a point needs; seeds share compiled programs, which the second point

@@ -168,6 +168,7 @@ print('PREPARED', builder.is_prepared(), builder.info.splits['train'].num_exampl
 """
 
 
+@pytest.mark.slow
 def test_two_processes_prepare_once_on_process_0(tmp_path, imagenet_samples_dir):
   """Process 0 alone runs download_and_prepare; process 1 waits for it, then reads it."""
   _tiny_imagenet_manual_dir(tmp_path / 'manual', imagenet_samples_dir)
@@ -183,6 +184,7 @@ def test_two_processes_prepare_once_on_process_0(tmp_path, imagenet_samples_dir)
   assert 'Preparing TFDS imagenet2012' not in logs[1]
 
 
+@pytest.mark.slow
 def test_a_job_of_two_processes_prepares_tfds_once_and_shares_the_shards(tmp_path,
                                                                        imagenet_samples_dir,
                                                                        env):

@@ -79,6 +79,7 @@ def test_the_host_rule(model_run, caplog):
   assert (config.parallelism, config.num_devices) == ('pmap', 0)
 
 
+@pytest.mark.slow
 def test_a_model_parallel_run_evaluates_on_one_device_as_on_two(model_run, one_device):
   status, stdout, stderr = one_device['evaluate']
   assert status == 0, stderr[-3000:]
@@ -102,6 +103,7 @@ def test_predict_and_neighbours_run_a_model_parallel_run_on_one_device(one_devic
   assert 'The 2 nearest of 40 train images' in one_device['neighbours'][1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('parallelism', parallel.PARALLELISMS)
 def test_features_under_every_parallelism_are_what_fc8_reads(model_run, parallelism):
   """fc7 of 7 eval images (padded to the devices) through each parallelism on 2 devices,

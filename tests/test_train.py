@@ -1,6 +1,7 @@
 """Train state, optimizer, pmap train/eval steps and config checks."""
 
 import functools
+import time
 
 from etils import epath
 import jax
@@ -11,6 +12,7 @@ import optax
 import pytest
 
 from alexnet_jax import config_checks
+from alexnet_jax import input_pipeline
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
@@ -119,6 +121,7 @@ def _run_steps(config, batch, num_devices, steps):
   return parallel.unreplicate(replicated), losses
 
 
+@pytest.mark.slow
 def test_train_steps_on_two_devices_decrease_loss_on_real_batch(small_real_batch):
   config = tiny_config(learning_rate=0.002, optimizer='sgd', lr_schedule='constant')
   state, losses = _run_steps(config, small_real_batch, 2, 8)
@@ -126,6 +129,7 @@ def test_train_steps_on_two_devices_decrease_loss_on_real_batch(small_real_batch
   assert losses[-1] < 0.5 * losses[0], losses
 
 
+@pytest.mark.slow
 def test_one_two_and_four_devices_give_the_same_parameters(small_real_batch):
   config = tiny_config(learning_rate=0.01, optimizer='paper_momentum', lr_schedule='constant')
   results = {n: _run_steps(config, small_real_batch, n, 3)[0].params for n in (1, 2, 4)}
@@ -134,6 +138,7 @@ def test_one_two_and_four_devices_give_the_same_parameters(small_real_batch):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nonfinite_step_is_not_applied(small_real_batch):
   config = tiny_config(lr_schedule='constant')
   batch = dict(small_real_batch, image=small_real_batch['image'].copy())
@@ -145,6 +150,7 @@ def test_nonfinite_step_is_not_applied(small_real_batch):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_eval_step_counts_only_unmasked_examples_and_averages_crops(small_real_batch):
   config = tiny_config()
   state = train.create_train_state(config, jax.random.PRNGKey(0))
@@ -209,8 +215,41 @@ def test_learning_rate_schedules_by_hand():
   lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
   # After warmup: 0.1 * (1 + cos(pi * t / 30)) / 2 over the remaining 30 steps.
   np.testing.assert_allclose(float(lr(25)), 0.1 * (1 + np.cos(np.pi * 15 / 30)) / 2, rtol=1e-5)
+  config.lr_schedule = 'linear'
+  lr = optim.create_learning_rate_fn(config, steps_per_epoch=10)
+  # After warmup: 0.1 * (1 - t / 30), zero at the last step and after it.
+  np.testing.assert_allclose([lr(s) for s in (5, 10, 25, 40, 45)],
+                             [0.05, 0.1, 0.1 * (1 - 15 / 30), 0.0, 0.0], rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.slow
+def test_a_run_says_where_its_time_went(monkeypatch, tmp_path, caplog):
+  """Every training batch comes 0.5 s late: the wait shows as input_wait, and the timed
+  parts never overlap (what is left of the wall time, 'other', is not negative)."""
+  delay, steps = 0.5, 6
+  make_batches = input_pipeline.create_train_iterator
+
+  def late_batches(*args, **kwargs):
+    batches = make_batches(*args, **kwargs)
+    return input_pipeline.BatchIterator(time.sleep(delay) or batch for batch in batches)
+
+  monkeypatch.setattr(input_pipeline, 'create_train_iterator', late_batches)
+  caplog.set_level('INFO')
+  config = tiny_config(num_train_steps=steps, checkpoint_every_steps=3, prefetch_to_device=1,
+                       num_devices=1, lr_schedule='constant')
+  _, final = train.train_and_evaluate(config, tmp_path)
+  spent = final['time_s']
+  assert list(spent) == ['setup', 'first_step', 'train_steps', 'input_wait', 'evaluation',
+                         'checkpoints', 'other']
+  # One batch per step and the one prefetched ahead of the first, plus tf.data's start.
+  assert steps * delay <= spent['input_wait'] < (steps + 1) * delay + 2.5, spent
+  assert all(spent[part] > 0 for part in spent if part != 'other'), spent
+  assert spent['other'] >= -0.01, spent  # Rounded to 10 ms.
+  assert sum(spent.values()) == pytest.approx(final['wall_time_s'], abs=0.05)
+  assert f"Where the {final['wall_time_s']:.0f} s went: setup" in caplog.text
+
+
+@pytest.mark.slow
 def test_a_run_reports_the_images_it_skipped(folder_with_bad_files, tmp_path, caplog):
   """8 files per split, 2 of them undecodable: one epoch of training and the evaluation each
   skip both, and the run's final metrics and log say how many."""

@@ -150,13 +150,17 @@ def test_sigterm_saves_at_step_boundary_exits_143_and_resumes_bit_exactly(tmp_pa
   assert_bit_equal(final_params(tmp_path), final_params(uninterrupted))
 
 
+# The first stays in the fast tier, so that it runs main; each of the others takes ~7 s.
 @pytest.mark.parametrize('flags,message', [
     (['--config.dataset=imagenet20'], 'imagenet20'),
-    (['--config.learning_rate=-0.1'], 'config.learning_rate=-0.1 must be positive'),
-    (['--config.batch_size=47'], 'config.batch_size=47 must be a positive multiple of the '
-                                 'number of devices'),
-    (['--config.image_size=32', '--config.resize_size=40'], 'the minimum is 63'),
-    (['--config.dataset=folder', '--config.data_dir=/nonexistent/images'], '/nonexistent/images'),
+    pytest.param(['--config.learning_rate=-0.1'], 'config.learning_rate=-0.1 must be positive',
+                 marks=pytest.mark.slow),
+    pytest.param(['--config.batch_size=47'], 'config.batch_size=47 must be a positive multiple '
+                 'of the number of devices', marks=pytest.mark.slow),
+    pytest.param(['--config.image_size=32', '--config.resize_size=40'], 'the minimum is 63',
+                 marks=pytest.mark.slow),
+    pytest.param(['--config.dataset=folder', '--config.data_dir=/nonexistent/images'],
+                 '/nonexistent/images', marks=pytest.mark.slow),
     (['--config.no_such_field=1'], 'no_such_field'),
     (['--config=configs/no_such_config.py'], 'no_such_config.py'),
 ])

@@ -62,28 +62,19 @@ def read_history(workdir: epath.PathLike) -> list[dict[str, float]]:
 
 
 class TimeSpent:
-  """Wall seconds per part of a run, each part timed where the loop enters it.
-
-  A part entered inside another is taken out of the outer one (a save inside an evaluation
-  counts as the save's), so the parts never overlap and their sum is at most the wall time.
-  """
+  """Wall seconds per part of a run, each part timed where the loop enters it (the loop
+  never enters one part inside another, so the parts do not overlap)."""
 
   def __init__(self):
     self.seconds: dict[str, float] = collections.defaultdict(float)
-    self._open: list[str] = []
 
   @contextlib.contextmanager
   def __call__(self, part: str) -> Iterator[None]:
     start = time.perf_counter()
-    self._open.append(part)
     try:
       yield
     finally:
-      self._open.pop()
-      elapsed = time.perf_counter() - start
-      self.seconds[part] += elapsed
-      if self._open:
-        self.seconds[self._open[-1]] -= elapsed
+      self.seconds[part] += time.perf_counter() - start
 
 
 class Throughput:

@@ -84,7 +84,7 @@ def test_the_30_minute_recipe_runs_as_its_docstring_says(tiny_imagenette, tmp_pa
                              [0.0, 0.005, 0.01, 0.005], rtol=1e-5)
   final = json.loads((workdir / 'final_metrics.json').read_text())
   assert final['step'] == 4 and final['eval_top1'] is not None
-  assert sum(final['time_s'].values()) == pytest.approx(final['wall_time_s'], abs=0.05)
+  assert final['time_s']['other'] >= -0.01 and final['time_s']['first_step'] > 0
   # The time-to-accuracy table and curve of docs/results.md read such a run.
   table = subprocess.run(
       [sys.executable, 'benchmarks/time_to_accuracy.py', f'--out={tmp_path / "t.png"}',

@@ -245,7 +245,6 @@ def test_a_run_says_where_its_time_went(monkeypatch, tmp_path, caplog):
   assert steps * delay <= spent['input_wait'] < (steps + 1) * delay + 2.5, spent
   assert all(spent[part] > 0 for part in spent if part != 'other'), spent
   assert spent['other'] >= -0.01, spent  # Rounded to 10 ms.
-  assert sum(spent.values()) == pytest.approx(final['wall_time_s'], abs=0.05)
   assert f"Where the {final['wall_time_s']:.0f} s went: setup" in caplog.text
 
 

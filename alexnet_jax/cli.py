@@ -20,7 +20,6 @@ from ml_collections import config_flags
 
 from alexnet_jax import checkpointing
 from alexnet_jax import cpu_convolutions
-from alexnet_jax import train
 
 _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process runs that JAX '
@@ -35,8 +34,7 @@ _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'This process in a multi-
 _LOST_PEER = re.compile(r'Gloo [\w-]+ failed|Barrier (timed out|failed)')
 
 # Errors that are the user's to fix: one line of explanation, exit status 1, no traceback.
-USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError,
-               train.NonFiniteError)
+USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError)
 
 
 class ModelFlags(NamedTuple):
@@ -143,15 +141,16 @@ def _choose_cpu_convolutions() -> None:
 
 
 @contextlib.contextmanager
-def user_errors() -> Iterator[None]:
-  """Turns a `USER_ERRORS` exception into one logged line and exit status 1, and so the
-  collective of a multi-process job whose peer died (`exit_lost_process`)."""
+def user_errors(*more: type[Exception]) -> Iterator[None]:
+  """Turns a `USER_ERRORS` exception (or one of the command's own, `more`) into one logged
+  line and exit status 1, and so the collective of a multi-process job whose peer died
+  (`exit_lost_process`)."""
   try:
     yield
   except Exception as e:  # pylint: disable=broad-except
     if jax.distributed.is_initialized() and _LOST_PEER.search(str(e)):
       exit_lost_process(e)
-    if not isinstance(e, USER_ERRORS):
+    if not isinstance(e, USER_ERRORS + more):
       raise
     logging.error('%s: %s', type(e).__name__, e)
     raise SystemExit(1) from None

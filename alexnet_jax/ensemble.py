@@ -4,7 +4,7 @@
 
 "Averaging the predictions of five similar CNNs gives an error rate of 16.4%" (18.2% for one).
 An ensemble is itself a model here: `combine` makes a `TrainState` whose apply function returns
-the log of its members' mean softmax, so `train.eval_step` (crops, top-k, loss, per-class
+the log of its members' mean softmax, so `steps.eval_step` (crops, top-k, loss, per-class
 accuracy), the input pipeline and `parallel` evaluate it exactly as they evaluate one model,
 and each member's numbers beside it come from that same path. Every model sees the same
 batches (the first model's eval split, crops and preprocessing), so the members must share
@@ -29,11 +29,12 @@ from alexnet_jax import checkpointing
 from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import config_fields
+from alexnet_jax import evaluation
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import labels
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax.train_state import TrainState
 
 
 
@@ -50,8 +51,9 @@ def _log_mean_softmax(apply_fns: Sequence[Callable[..., jax.Array]], variables: 
   return jax.nn.logsumexp(log_probs, axis=0) - jnp.log(len(apply_fns))
 
 
-def combine(states: Sequence[train.TrainState]) -> train.TrainState:
-  """The ensemble of `states` as one train state, for `train.eval_step` and `evaluate`.
+def combine(states: Sequence[TrainState]) -> TrainState:
+  """The ensemble of `states` as one train state, for `steps.eval_step` and
+  `evaluation.evaluate`.
 
   Its params are the members' params (a tuple) and its apply function returns the log of their
   mean softmax, normalised already, so eval_step's log_softmax keeps it (up to rounding); over
@@ -128,7 +130,7 @@ def check_crops(configs: Sequence[ml_collections.ConfigDict], workdirs: Sequence
 def load_members(workdirs: Sequence[epath.PathLike],
                  config: ml_collections.ConfigDict | None = None,
                  checkpoint: int | str = 'latest'
-                 ) -> tuple[list[ml_collections.ConfigDict], list[train.TrainState]]:
+                 ) -> tuple[list[ml_collections.ConfigDict], list[TrainState]]:
   """The configs and the host train states of an ensemble's models, as this host runs them.
 
   Args:
@@ -165,9 +167,7 @@ def format_side_by_side(report: dict[str, Any]) -> str:
   return '\n'.join(lines)
 
 
-def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None, *,
-         evaluate: Callable[..., dict[str, Any]], make_report: Callable[..., dict[str, Any]],
-         format_report: Callable[[dict[str, Any]], str]) -> None:
+def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None) -> None:
   """`python -m alexnet_jax.evaluate --workdir=A --ensemble=B,...`: evaluates each model and
   the ensemble, prints them side by side and writes A/eval_ensemble<M>_<C>crop.json.
 
@@ -175,9 +175,6 @@ def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None, *,
     workdirs: the models' workdirs, --workdir's first (the JSON goes there).
     model: evaluate's model flags (--config for the first model, --checkpoint for all).
     crops: the --crops flag (None: the first config's eval_crops).
-    evaluate, make_report, format_report: evaluate.py's own. Passed in, not imported:
-      `python -m` runs evaluate.py as __main__, and importing it here would run it a second
-      time and define its flags twice.
   """
   with cli.user_errors():
     if model.init_from.value:
@@ -192,18 +189,19 @@ def main(workdirs: Sequence[str], model: cli.ModelFlags, crops: str | None, *,
              'split': config.eval_split}
     members = []
     for workdir, state in zip(workdirs, states):
-      metrics = evaluate(config, state, crops)
-      members.append(make_report(metrics, names, weights=f'step {int(state.step)} of {workdir}',
-                                 step=int(state.step), crops=metrics['crops'], **about))
-    metrics = evaluate(config, combine(states), crops)
-    report = make_report(metrics, names, weights=f'ensemble of {len(states)} (softmax averaged)',
-                         workdirs=list(map(str, workdirs)), step=None, crops=metrics['crops'],
-                         **about)
+      metrics = evaluation.evaluate_state(config, state, crops)
+      members.append(evaluation.make_report(
+          metrics, names, weights=f'step {int(state.step)} of {workdir}', step=int(state.step),
+          crops=metrics['crops'], **about))
+    metrics = evaluation.evaluate_state(config, combine(states), crops)
+    report = evaluation.make_report(
+        metrics, names, weights=f'ensemble of {len(states)} (softmax averaged)',
+        workdirs=list(map(str, workdirs)), step=None, crops=metrics['crops'], **about)
     report['members'] = members
   if jax.process_index() == 0:
     path = epath.Path(workdirs[0]) / f"eval_ensemble{len(states)}_{report['crops']}crop.json"
     path.write_text(json.dumps(report, indent=2))
-    print(format_report(report))
+    print(evaluation.format_report(report))
     print('Side by side:')
     print(format_side_by_side(report))
     print(f'Wrote {path}')

@@ -11,10 +11,8 @@ whole split; with config.steps_per_eval > 0 each process evaluates the first bat
 own share, so that subset depends on the process count).
 """
 
-import functools
 import json
 import os
-from typing import Any
 
 # TensorFlow only feeds data: keep it off the GPUs and quiet. Must precede its first import.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -23,18 +21,15 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from etils import epath
 import jax
-import ml_collections
 
 from alexnet_jax import checkpointing  # pylint: disable=g-import-not-at-top
 from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import ensemble
+from alexnet_jax import evaluation
 from alexnet_jax import inference
 from alexnet_jax import labels
-from alexnet_jax import normalize
 from alexnet_jax import parallel
-from alexnet_jax import preprocessing
-from alexnet_jax import train
 
 _MODEL = cli.define_model_flags()
 _CROPS = flags.DEFINE_enum(
@@ -47,76 +42,12 @@ _ENSEMBLE = flags.DEFINE_list(
     'JSON goes to --workdir.')
 
 
-def evaluate(config: ml_collections.ConfigDict, state: train.TrainState,
-             crops: int) -> dict[str, Any]:
-  """Runs config.eval_split as `parallel.on_this_host(config)` says (the state made with that
-  config's model ops); see `train.evaluate`."""
-  data_parallel, step = _mapped_eval_step(config.to_json_best_effort())
-  return train.evaluate(step, data_parallel.put_state(state), config, data_parallel, crops)
-
-
-@functools.cache
-def _mapped_eval_step(config_json: str) -> tuple[parallel.DataParallel, Any]:
-  """The devices and the mapped eval step of a config, made once per config: an ensemble
-  evaluates each member and the ensemble with the same one (one compilation, one read of a
-  mean image)."""
-  config = parallel.on_this_host(ml_collections.ConfigDict(json.loads(config_json)))
-  data_parallel = parallel.for_config(config)
-  parallel.per_device_batch_size(config.eval_batch_size, len(data_parallel.devices),
-                                 'eval_batch_size')
-  step = functools.partial(train.eval_step, normalization=normalize.for_config(config))
-  return data_parallel, data_parallel.map(step)
-
-
-def make_report(metrics: dict[str, Any], class_names: list[str], **about: Any) -> dict[str, Any]:
-  """A JSON-safe record of `train.evaluate`'s metrics, errors and per-class table added.
-
-  Args:
-    metrics: from `train.evaluate`.
-    class_names: [num_classes] names, index = label.
-    **about: what was evaluated (step, crops, ...), put first.
-  Returns:
-    about, then crop_names (the crops in words), top1, top5, top1_error, top5_error, loss,
-    count, skipped_images (undecodable files, not in count) and per_class: a list of
-    {'label', 'name', 'count', 'top1'} (top1 None for a class without examples).
-  """
-  per_class = [{'label': label, 'name': name, 'count': int(count),
-                'top1': None if count == 0 else top1}
-               for label, (name, count, top1) in enumerate(zip(
-                   class_names, metrics['per_class_count'], metrics['per_class_top1']))]
-  return {**about, 'crop_names': preprocessing.CROP_NAMES[metrics['crops']],
-          'top1': metrics['top1'], 'top5': metrics['top5'],
-          'top1_error': 1 - metrics['top1'], 'top5_error': 1 - metrics['top5'],
-          'loss': metrics['loss'], 'count': int(metrics['count']),
-          'skipped_images': metrics['skipped_images'], 'per_class': per_class}
-
-
-def format_report(report: dict[str, Any]) -> str:
-  """The report as text: a summary and the per-class table."""
-  lines = [
-      f"{report['weights']} on {report['dataset']}:{report['split']}, {report['count']} "
-      f"examples, {report['crop_names']}" + (
-          f" ({report['skipped_images']} undecodable images skipped)"
-          if report['skipped_images'] else '') + ':',
-      f"  top-1 accuracy {report['top1']:.4f}  (error {report['top1_error']:.4f})",
-      f"  top-5 accuracy {report['top5']:.4f}  (error {report['top5_error']:.4f})",
-      f"  loss {report['loss']:.4f}",
-      'Per-class top-1 accuracy:',
-      f"  {'label':>5}  {'examples':>8}  {'top-1':>6}  class",
-  ]
-  for row in report['per_class']:
-    top1 = '-' if row['top1'] is None else f"{row['top1']:.4f}"
-    lines.append(f"  {row['label']:>5}  {row['count']:>8}  {top1:>6}  {row['name']}")
-  return '\n'.join(lines)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
   if _ENSEMBLE.value:
-    ensemble.main([_MODEL.workdir.value, *_ENSEMBLE.value], _MODEL, _CROPS.value,
-                  evaluate=evaluate, make_report=make_report, format_report=format_report)
+    ensemble.main([_MODEL.workdir.value, *_ENSEMBLE.value], _MODEL, _CROPS.value)
     return
   with cli.user_errors():
     checkpoint = checkpointing.parse_checkpoint(_MODEL.checkpoint.value)
@@ -126,10 +57,10 @@ def main(argv):
     config_checks.validate(config)
     config = parallel.on_this_host(config)
     state = inference.load_state(config, workdir, checkpoint, init_from)
-    metrics = evaluate(config, state, int(_CROPS.value or config.eval_crops))
+    metrics = evaluation.evaluate_state(config, state, int(_CROPS.value or config.eval_crops))
     crops = metrics['crops']  # The crops used: 10 asked of a model trained unmirrored is 5.
     step = None if init_from else int(state.step)
-    report = make_report(
+    report = evaluation.make_report(
         metrics, labels.class_names(config),
         weights=init_from or f'step {step} of {workdir}', step=step,
         checkpoint=None if init_from else str(checkpoint), init_from=init_from, crops=crops,
@@ -139,7 +70,7 @@ def main(argv):
     path = workdir / f'eval_{name}_{crops}crop.json'
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
-    print(format_report(report))
+    print(evaluation.format_report(report))
     print(f'Wrote {path}')
 
 

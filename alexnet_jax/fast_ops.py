@@ -1,22 +1,16 @@
 """Convolutions and max-pool gradients in forms that XLA compiles well on CPU.
 
 Same numbers as `lax.conv_general_dilated` and `nn.max_pool` (tests/test_fast_ops.py checks
-values and gradients against both and against PyTorch), different programs. On a 2-core CPU
-(jaxlib 0.10.2, batch 64, 224 px) we measured:
-  - XLA:CPU hands large convolutions to YNNPACK by default; its own Eigen convolutions
-    (`cpu_convolutions.XLA_FLAG`) are 1.3-2.5x faster at AlexNet's shapes, forward and both
-    gradients (torchvision's conv2: 151 + 189 + 191 ms against 245 + 393 + 520 ms;
-    docs/benchmarks.md);
-  - grouped convolution (`feature_group_count=2`): 3.7-5.5x slower than two convolutions on the
-    halves, forward and backward (the paper's conv2 fwd+bwd, Eigen: 3.50 s grouped, 0.64 s
-    split; conv4 and conv5 3.7x and 5.3x);
-  - max-pool backward (select-and-scatter): 15-27x the forward (the paper's pool1: 371 ms vs
-    14-24 ms; routed as below, 119-129 ms).
-So for CPU we take Eigen's convolutions, split groups and route the max-pool gradient with
-comparisons and strided pads. The model uses these only with `config.model.ops='cpu'`
-('auto' on a CPU backend, `train.create_model`); elsewhere it keeps XLA's own ops, which
-cuDNN serves well (docs/benchmarks_gpu.md), and never traces these. (An earlier version took
-weight gradients as matrix products, 4-5x faster than YNNPACK's; Eigen's are faster still.)
+values and gradients against both and against PyTorch), different programs. On CPU, XLA
+compiles three of AlexNet's operations slowly: convolutions on its default YNNPACK kernels
+(its own Eigen ones, `cpu_convolutions.XLA_FLAG`, are faster forward and in both gradients),
+grouped convolutions (`feature_group_count=2`: slower than two convolutions on the halves)
+and the max-pool gradient (select-and-scatter: many times the forward). So for CPU we take
+Eigen's convolutions, split groups and route the max-pool gradient with comparisons and
+strided pads; the measurements are in docs/benchmarks.md ("Four findings"). The model uses
+these only with `config.model.ops='cpu'` ('auto' on a CPU backend,
+`train_state.create_model`); elsewhere it keeps XLA's own ops, which cuDNN serves well
+(docs/benchmarks_gpu.md), and never traces these.
 
 `partitionable_conv_general_dilated` is the form for model parallelism (the paper's two GPUs,
 `config.parallelism='model'`): XLA's SPMD partitioner (Shardy or GSPMD, jax 0.10.2) all-gathers

@@ -35,7 +35,7 @@ import numpy as np
 
 from alexnet_jax import normalize
 from alexnet_jax import parallel
-from alexnet_jax import train
+from alexnet_jax.train_state import TrainState
 
 DIRECTORY = 'features'
 # Bank rows per search step, split over the devices: enough that dispatch is not the cost.
@@ -93,7 +93,7 @@ def per_example(fn: Callable[[Any, dict[str, jax.Array]], jax.Array], state: Any
   return run
 
 
-def features_fn(state: train.TrainState, data_parallel: parallel.DataParallel,
+def features_fn(state: TrainState, data_parallel: parallel.DataParallel,
                 normalization: normalize.Normalization
                 ) -> Callable[[dict[str, np.ndarray]], np.ndarray]:
   """A function: n centre crops (`preprocessing.eval_image`'s arrays, stacked: 'image' uint8
@@ -141,7 +141,7 @@ def params_digest(params: Any) -> str:
   return digest.hexdigest()[:16]
 
 
-def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, split: str,
+def compute_split(config: ml_collections.ConfigDict, state: TrainState, split: str,
                   directory: epath.PathLike) -> Bank:
   """fc7 features of every decodable example of `split`, through the evaluation pipeline.
 
@@ -188,7 +188,7 @@ def compute_split(config: ml_collections.ConfigDict, state: train.TrainState, sp
   return _read_bank(epath.Path(directory))
 
 
-def split_features(config: ml_collections.ConfigDict, state: train.TrainState,
+def split_features(config: ml_collections.ConfigDict, state: TrainState,
                    workdir: epath.PathLike, split: str) -> Bank:
   """`split`'s fc7 bank: read from WORKDIR/features/ if computed there before, else computed
   (`compute_split`) and stored there.

@@ -1,9 +1,8 @@
 """Gives back to the operating system the host memory that XLA's compiler used and freed.
 
 Compiling the AlexNet train step allocates and frees hundreds of MiB on the host in many
-small blocks. glibc keeps such freed memory in its heaps, so the process stays that much
-larger for the whole run: on the 2-core CPU, torchvision train step, batch 64, its resident
-set stayed ~700 MiB above what the steps need (docs/benchmarks.md, "Memory").
+small blocks. glibc keeps such freed memory in its heaps, so the process would stay that much
+larger for the whole run (measured in docs/benchmarks.md, "Memory").
 `malloc_trim(0)` hands whole free pages back; memory still in use is not touched.
 """
 

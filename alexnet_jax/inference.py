@@ -14,7 +14,7 @@ from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
 from alexnet_jax import config_fields
 from alexnet_jax import convert
-from alexnet_jax import train
+from alexnet_jax import train_state
 
 
 def load_config(config: ml_collections.ConfigDict | None,
@@ -38,7 +38,8 @@ def load_config(config: ml_collections.ConfigDict | None,
 
 
 def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,
-               checkpoint: int | str = 'latest', init_from: str | None = None) -> train.TrainState:
+               checkpoint: int | str = 'latest',
+               init_from: str | None = None) -> train_state.TrainState:
   """The host train state of a trained model.
 
   Args:
@@ -54,7 +55,7 @@ def load_state(config: ml_collections.ConfigDict, workdir: epath.PathLike,
     checkpointing.CheckpointError: no such checkpoint, unreadable, or of another model.
     ValueError: the weights file is unreadable or of another model.
   """
-  state = train.zeros_state(config)
+  state = train_state.zeros_state(config)
   if init_from:
     return state.replace(params=convert.load_params(
         init_from, config.model.variant, config.num_classes, config.image_size,

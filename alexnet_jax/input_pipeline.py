@@ -30,6 +30,7 @@ whole batch on one bad file; it switches to decoding examples one by one from th
 
 import dataclasses
 import itertools
+import threading
 from typing import Callable, Iterator, Optional
 
 from absl import logging
@@ -165,7 +166,12 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
       skip = first_step * batch_size if epoch == first_epoch else 0
       ds = _train_epoch(config, source, options, epoch, skip, steps_per_epoch, index, count,
                         careful)
-      yield from ds.as_numpy_iterator()
+      epoch_batches = [ds.as_numpy_iterator()]
+      yield from epoch_batches[0]
+      # Deleting a finished tf.data iterator joins its autotuning thread, whose pass over the
+      # pipeline, starved by a train step on every core, held the next batch 13-60 s at some
+      # epochs' starts (docs/results.md); the last reference goes on a thread of its own.
+      threading.Thread(target=epoch_batches.clear, daemon=True).start()
 
   return BatchIterator(_fall_back_to_careful(batches_from, start_step, config.on_bad_image),
                        config.on_bad_image, train=True)

@@ -28,7 +28,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
-  with cli.user_errors():
+  with cli.user_errors(train.NonFiniteError):
     try:
       train.train_and_evaluate(flags.FLAGS.config, _WORKDIR.value)
     except train.Preempted as e:

@@ -172,7 +172,7 @@ PARALLELISMS = ('pmap', 'mesh', 'model')
 class DataParallel:
   """How the train and eval steps meet the devices: `pmap`, or `jit` over a `Mesh`.
 
-  The steps are per-device functions (`train.train_step`, `train.eval_step`) whose
+  The steps are per-device functions (`steps.train_step`, `steps.eval_step`) whose
   collectives name the axis `AXIS_NAME`, so both ways run them unchanged. What the loop holds
   between steps ("on devices") is opaque to it: it only passes it back here.
   """
@@ -376,7 +376,7 @@ def on_this_host(config: Any) -> Any:
   else all local devices, and 'mesh' (data-parallel, the whole model on each device) where
   they cannot form the 'model' mesh (fewer devices than `config.model_parallel_size`, or not
   a multiple of it): one warning line says so. The params are the same tree under every
-  parallelism, so any checkpoint restores into any of them. `train.model_ops` resolves the
+  parallelism, so any checkpoint restores into any of them. `train_state.model_ops` resolves the
   model's ops 'auto' from the returned parallelism (the same numbers to float rounding).
 
   Args:

@@ -43,7 +43,7 @@ from alexnet_jax import normalize
 from alexnet_jax import parallel
 from alexnet_jax import plots
 from alexnet_jax import preprocessing
-from alexnet_jax import train
+from alexnet_jax.train_state import TrainState
 
 _MODEL = cli.define_model_flags()
 TOP_K = 5
@@ -103,7 +103,7 @@ def _probabilities(apply_fn: Callable[..., jax.Array], normalization: normalize.
   return jax.nn.softmax(apply_fn({'params': params}, normalization(batch), train=False))
 
 
-def classify(files: list[pathlib.Path], state: train.TrainState,
+def classify(files: list[pathlib.Path], state: TrainState,
              options: preprocessing.Options, normalization: normalize.Normalization,
              names: list[str], data_parallel: parallel.DataParallel,
              picture: epath.PathLike | None = None) -> int:

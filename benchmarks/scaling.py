@@ -1,6 +1,6 @@
 r"""Images/s of the JAX step against the number of devices and the batch size.
 
-Times `train.train_step` (or `eval_step`) under `parallel.pmap` (or, with --parallelism=mesh,
+Times `steps.train_step` (or `eval_step`) under `parallel.pmap` (or, with --parallelism=mesh,
 `jit` over a `Mesh`) on device-resident random data,
 the step alone: no input pipeline. On CPU the devices are faked with
 --xla_force_host_platform_device_count (set below, before JAX starts), so they share the same

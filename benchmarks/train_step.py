@@ -19,7 +19,7 @@ of `--steps` steps with the same weights: labelled as such, it is not what a use
 thread pools in one process; issue 19's harness measured PyTorch ~17% slower there than
 alone on 2 cores).
 
-The JAX step is `train.train_step` / `train.eval_step` under `config.parallelism` with the
+The JAX step is `steps.train_step` / `steps.eval_step` under `config.parallelism` with the
 state donated, exactly as the training loop runs it (so it includes the loop's loss / top-1 /
 top-5 metrics and its finiteness check); the PyTorch step computes the same metrics. Both get
 the same network (`torch_reference.TorchAlexNet`), the same SGD (momentum 0.9, weight decay
@@ -55,6 +55,7 @@ from alexnet_jax import models
 from alexnet_jax import normalize
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import steps
 from alexnet_jax import train
 from benchmarks import timing
 from benchmarks.timing import make_batch, make_config, versions
@@ -127,7 +128,7 @@ def create_state(config, mode: str):
 
 
 def jax_step(config, mode: str, data_parallel: parallel.DataParallel):
-  """The loop's mapped `train.train_step` (state donated) or `train.eval_step`.
+  """The loop's mapped `steps.train_step` (state donated) or `steps.eval_step`.
 
   Returns:
     step(replicated_state, device_batch): (state, metrics) in train mode, metrics in eval.
@@ -135,9 +136,9 @@ def jax_step(config, mode: str, data_parallel: parallel.DataParallel):
   parallel.per_device_batch_size(config.batch_size, len(data_parallel.devices), 'batch_size')
   normalization = normalize.for_config(config)  # The uint8 batch normalised, as in training.
   if mode == 'eval':
-    return data_parallel.map(functools.partial(train.eval_step, normalization=normalization))
+    return data_parallel.map(functools.partial(steps.eval_step, normalization=normalization))
   return data_parallel.map(functools.partial(
-      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1),
+      steps.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 1),
       normalization=normalization), donate_state=True)
 
 

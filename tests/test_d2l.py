@@ -26,6 +26,7 @@ from alexnet_jax import normalize
 from alexnet_jax import preprocessing
 from alexnet_jax import torch_reference
 from alexnet_jax import train
+from alexnet_jax import train_state
 from configs import fashion_mnist
 
 # d2l's AlexNet on 1x224x224 Fashion-MNIST, worked out by hand: (224 + 2 - 11) // 4 + 1 = 54,
@@ -251,7 +252,7 @@ def test_unpadded_conv1_converts_and_runs_as_torch(imagenet_samples_dir, tmp_pat
 def test_fashion_mnist_config_is_d2l_recipe():
   config = fashion_mnist.get_config()
   config_checks.validate(config)
-  model = train.create_model(config)
+  model = train_state.create_model(config)
   assert (model.variant, model.input_channels, model.init_scheme) == ('d2l', 1, 'xavier')
   assert summary_shapes(models.summary(model, config.image_size)) == {
       name: shape for name, (shape, _) in D2L_TABLE.items()}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from alexnet_jax import ensemble
-from alexnet_jax import evaluate
+from alexnet_jax import evaluation
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import normalize
@@ -70,8 +70,8 @@ def _numpy_metrics(probs: np.ndarray, labels: np.ndarray) -> dict[str, float]:
 @pytest.mark.usefixtures('commands')  # Started first: they run while this test does.
 def test_an_ensemble_of_one_model_is_that_models_evaluation(tiny_runs):
   config, state = _load(tiny_runs['a'])
-  alone = evaluate.evaluate(config, state, 1)
-  combined = evaluate.evaluate(config, ensemble.combine([state]), 1)
+  alone = evaluation.evaluate_state(config, state, 1)
+  combined = evaluation.evaluate_state(config, ensemble.combine([state]), 1)
   assert combined['count'] == alone['count'] == 20
   for key in ('top1', 'top5', 'per_class_top1', 'per_class_count', 'crops'):
     assert combined[key] == alone[key], key

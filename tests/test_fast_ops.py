@@ -138,16 +138,16 @@ def test_ops_xla_traces_no_cpu_form_and_agrees_with_the_cpu_forms():
 
 
 def test_ops_auto_is_the_cpu_forms_on_cpu_only(monkeypatch):
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train_state  # pylint: disable=g-import-not-at-top
   from configs import imagenet  # pylint: disable=g-import-not-at-top
   config = imagenet.get_config()
-  assert train.model_ops(config) == 'cpu'
+  assert train_state.model_ops(config) == 'cpu'
   monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
-  assert train.model_ops(config) == 'xla'
+  assert train_state.model_ops(config) == 'xla'
   config.parallelism = 'model'
-  assert train.model_ops(config) == 'partitionable'
+  assert train_state.model_ops(config) == 'partitionable'
   config.model.ops = 'cpu'
-  assert train.model_ops(config) == 'cpu'  # Said explicitly, it is kept.
+  assert train_state.model_ops(config) == 'cpu'  # Said explicitly, it is kept.
 
 
 @pytest.mark.slow
@@ -234,16 +234,16 @@ def test_importing_the_package_keeps_a_users_own_ynnpack_choice(env):
 
 
 def test_cpu_ops_without_the_flag_warn_how_to_set_it(monkeypatch, caplog):
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train_state  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.ops = 'cpu'
   with caplog.at_level(logging.WARNING):
-    train.create_model(config)  # The conftest set the flag.
+    train_state.create_model(config)  # The conftest set the flag.
   assert 'YNNPACK' not in caplog.text
   monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=4')
   with caplog.at_level(logging.WARNING):
-    train.create_model(config)
+    train_state.create_model(config)
   assert cpu_convolutions.XLA_FLAG in caplog.text and 'YNNPACK' in caplog.text
 
 

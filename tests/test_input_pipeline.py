@@ -2,6 +2,8 @@
 the training loop relies on (shapes, sharding, determinism, resuming, bad files)."""
 
 import logging
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -340,3 +342,41 @@ def test_an_eval_split_smaller_than_the_processes_is_refused_by_every_process(im
   for index in (0, 11):
     with pytest.raises(ValueError, match='has 11 examples, fewer than the 12 processes'):
       input_pipeline.create_eval_iterator(config, process_index=index, process_count=12)
+
+
+def test_an_epochs_finished_iterator_is_deleted_off_the_training_thread(image_folder,
+                                                                       monkeypatch):
+  # Deleting a finished tf.data iterator joins its autotuning thread, which blocked the next
+  # batch for up to a minute beside a train step (docs/results.md); the loop must not wait.
+  deleted_on = []
+  make_epoch = input_pipeline._train_epoch
+
+  class Batches:
+    def __init__(self, ds):
+      self._batches = ds.as_numpy_iterator()
+
+    def __iter__(self):
+      return self
+
+    def __next__(self):
+      return next(self._batches)
+
+    def __del__(self):
+      deleted_on.append(threading.get_ident())
+
+  class Epoch:
+    def __init__(self, ds):
+      self._ds = ds
+
+    def as_numpy_iterator(self):
+      return Batches(self._ds)
+
+  monkeypatch.setattr(input_pipeline, '_train_epoch',
+                      lambda *args, **kwargs: Epoch(make_epoch(*args, **kwargs)))
+  batches = input_pipeline.create_train_iterator(_folder_config(image_folder))
+  _take(batches, 4)  # Epoch 0's 3 batches, then epoch 1's first.
+  for _ in range(100):  # The deleting thread gets up to 10 s.
+    if deleted_on:
+      break
+    time.sleep(0.1)
+  assert deleted_on and deleted_on[0] != threading.get_ident()

@@ -17,7 +17,9 @@ import pytest
 from alexnet_jax import checkpointing
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import steps
 from alexnet_jax import train
+from alexnet_jax import train_state
 from test_train import tiny_config
 
 # Devices, split by model_parallel_size=MODEL: the paper's two GPUs, and two of them side by side.
@@ -41,7 +43,7 @@ def _grads_and_logits(state, batch):
   """(batch-mean gradients of the cross-entropy, logits of the global batch), no dropout."""
   def loss_fn(params):
     logits = state.apply_fn({'params': params}, batch['image'], train=False)
-    return train.cross_entropy(logits, batch['label'], 0.0).mean(), logits
+    return steps.cross_entropy(logits, batch['label'], 0.0).mean(), logits
   (_, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return (parallel.mean_over_devices(grads),
           lax.all_gather(logits, parallel.AXIS_NAME, tiled=True))
@@ -95,7 +97,7 @@ def test_logits_and_gradients_equal_a_single_devices(small_real_batch, single_de
 
 
 def _train_step(config):
-  return functools.partial(train.train_step,
+  return functools.partial(steps.train_step,
                            learning_rate_fn=optim.create_learning_rate_fn(config, 10))
 
 
@@ -109,7 +111,7 @@ def _device_bytes(tree) -> dict[jax.Device, int]:
 
 
 def test_each_device_holds_half_of_every_layer():
-  state = train.zeros_state(_config('model'))  # Shapes are what matter; nothing compiles.
+  state = train_state.zeros_state(_config('model'))  # Shapes are what matter; nothing compiles.
   data_parallel = parallel.create('model', parallel.select_devices(4), MODEL)
   on_devices = data_parallel.put_state(state)
   assert dict(data_parallel.mesh.shape) == {'batch': 2, 'model': 2}
@@ -148,7 +150,7 @@ def test_train_step_equals_data_parallels_and_resumes_under_pmap(small_real_batc
   manager = checkpointing.create_manager(tmp_path, keep=1, async_save=False)
   config_dict = checkpointing.config_to_dict(config)
   checkpointing.save(manager, state, {'config': config_dict})
-  restored, _ = checkpointing.restore_latest(manager, train.zeros_state(config), config_dict)
+  restored, _ = checkpointing.restore_latest(manager, train_state.zeros_state(config), config_dict)
   for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
     np.testing.assert_array_equal(a, b)
   manager.close()

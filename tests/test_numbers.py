@@ -9,9 +9,11 @@ import tensorflow as tf
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
+from alexnet_jax import evaluation
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import preprocessing
+from alexnet_jax import steps
 from alexnet_jax import train
 from test_train import tiny_config
 
@@ -44,7 +46,7 @@ def test_topk_correct_follows_top_k_order_and_never_credits_nonfinite(kind, k):
   rng = np.random.default_rng(0)
   scores = _scores(kind, rng)
   labels = rng.integers(0, 10, 64).astype(np.int32)
-  got = np.asarray(train.topk_correct(scores, labels, k))
+  got = np.asarray(steps.topk_correct(scores, labels, k))
   np.testing.assert_array_equal(got, numpy_topk_correct(scores, labels, k))
   # And the same as lax.top_k itself wherever the row is finite.
   _, top = jax.lax.top_k(scores, k)
@@ -54,13 +56,13 @@ def test_topk_correct_follows_top_k_order_and_never_credits_nonfinite(kind, k):
 
 def test_constant_and_nan_logits_score_no_better_than_their_ties_allow():
   labels = np.array([0, 3, 7, 9], np.int32)
-  np.testing.assert_array_equal(train.topk_correct(np.zeros((4, 10)), labels, 1), [1, 0, 0, 0])
-  np.testing.assert_array_equal(train.topk_correct(np.full((4, 10), np.nan), labels, 5), 0)
+  np.testing.assert_array_equal(steps.topk_correct(np.zeros((4, 10)), labels, 1), [1, 0, 0, 0])
+  np.testing.assert_array_equal(steps.topk_correct(np.full((4, 10), np.nan), labels, 5), 0)
 
 
 def _eval_sums(state, batch):
   devices = parallel.select_devices(2)
-  out = parallel.pmap(train.eval_step, devices)(parallel.replicate(state, devices),
+  out = parallel.pmap(steps.eval_step, devices)(parallel.replicate(state, devices),
                                                 parallel.shard(batch, 2))
   return parallel.unreplicate(out)
 
@@ -233,5 +235,5 @@ def test_evaluation_with_no_decodable_image_names_the_split_and_the_failures(tmp
   data_parallel = parallel.create('pmap', parallel.select_devices(1))
   with pytest.raises(ValueError, match=r"No image of the 'val' split of 'folder' could be "
                                        r'evaluated: 4 files failed to decode'):
-    train.evaluate(data_parallel.map(train.eval_step), data_parallel.put_state(state), config,
+    evaluation.evaluate(data_parallel.map(steps.eval_step), data_parallel.put_state(state), config,
                    data_parallel)

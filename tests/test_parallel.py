@@ -8,19 +8,20 @@ import pytest
 
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import steps
 from alexnet_jax import train
 from test_train import tiny_config
 
 
-def _train_steps(kind: str, num_devices: int, batch, steps: int = 3):
-  """(host state, host metrics of the last step) after `steps` train steps under `kind`."""
+def _train_steps(kind: str, num_devices: int, batch, num_steps: int = 3):
+  """(host state, host metrics of the last step) after `num_steps` train steps under `kind`."""
   config = tiny_config(model=dict(tiny_config().model, dropout_rate=0.5))
   data_parallel = parallel.create(kind, parallel.select_devices(num_devices))
   step = data_parallel.map(functools.partial(
-      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 10)),
+      steps.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 10)),
                            donate_state=True)
   state = data_parallel.put_state(train.create_train_state(config, jax.random.PRNGKey(0)))
-  for _ in range(steps):
+  for _ in range(num_steps):
     state, metrics = step(state, data_parallel.put_batch(batch))
   return data_parallel.get(state), data_parallel.get(metrics)
 
@@ -58,7 +59,7 @@ def test_mesh_eval_step_sums_equal_pmaps(small_real_batch):
   sums = {}
   for kind in ('pmap', 'mesh'):
     data_parallel = parallel.create(kind, parallel.select_devices(2))
-    sums[kind] = data_parallel.get(data_parallel.map(train.eval_step)(
+    sums[kind] = data_parallel.get(data_parallel.map(steps.eval_step)(
         data_parallel.put_state(state), data_parallel.put_batch(batch)))
   for key in sums['pmap']:
     np.testing.assert_array_equal(sums['pmap'][key], sums['mesh'][key], err_msg=key)

@@ -18,7 +18,7 @@ import pytest
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
 from alexnet_jax import labels
-from alexnet_jax import train
+from alexnet_jax import train_state
 from configs import default
 from configs import imagenet
 from configs import imagenette
@@ -38,7 +38,7 @@ def workdir(tmp_path_factory) -> pathlib.Path:
   config = _small_imagenette()
   workdir = tmp_path_factory.mktemp('run')
   rng = np.random.default_rng(0)
-  state = train.zeros_state(config)
+  state = train_state.zeros_state(config)
   state = state.replace(params={
       layer: {'kernel': rng.normal(0, np.sqrt(2 / np.prod(p['kernel'].shape[:-1])),
                                    p['kernel'].shape).astype(np.float32),

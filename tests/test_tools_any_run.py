@@ -19,14 +19,14 @@ import jax
 import numpy as np
 import pytest
 
-from alexnet_jax import evaluate
+from alexnet_jax import evaluation
 from alexnet_jax import features
 from alexnet_jax import inference
 from alexnet_jax import input_pipeline
 from alexnet_jax import normalize
 from alexnet_jax import parallel
 from alexnet_jax import plots
-from alexnet_jax import train
+from alexnet_jax import train_state
 from started import Started
 
 
@@ -62,10 +62,10 @@ def _config(workdir, parallelism: str, num_devices: int):
 
 @pytest.mark.usefixtures('one_device')  # Started first: they run while this test does.
 def test_the_params_are_one_tree_under_every_parallelism(model_run):
-  shapes = [jax.tree.map(lambda x: x.shape, train.zeros_state(_config(model_run, p, 2)).params)
+  shapes = [jax.tree.map(lambda x: x.shape, train_state.zeros_state(_config(model_run, p, 2)).params)
             for p in parallel.PARALLELISMS]
   assert shapes[0] == shapes[1] == shapes[2]
-  assert train.model_ops(_config(model_run, 'model', 2)) == 'partitionable'
+  assert train_state.model_ops(_config(model_run, 'model', 2)) == 'partitionable'
 
 
 def test_the_host_rule(model_run, caplog):
@@ -87,7 +87,7 @@ def test_a_model_parallel_run_evaluates_on_one_device_as_on_two(model_run, one_d
   report = json.loads((model_run / 'eval_step2_1crop.json').read_text())
   config = _config(model_run, 'model', 2)
   assert config.parallelism == 'model'
-  split = evaluate.evaluate(config, inference.load_state(config, model_run), 1)
+  split = evaluation.evaluate_state(config, inference.load_state(config, model_run), 1)
   assert report['count'] == split['count'] == 20
   assert report['top1'] == split['top1']
   assert report['loss'] == pytest.approx(split['loss'], rel=1e-5)

@@ -1,4 +1,4 @@
-"""Train state, optimizer, pmap train/eval steps and config checks."""
+"""Train state, optimizer, pmap train/eval steps, the loop and config checks."""
 
 import functools
 import time
@@ -15,6 +15,7 @@ from alexnet_jax import config_checks
 from alexnet_jax import input_pipeline
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import steps
 from alexnet_jax import train
 from configs import default as default_config
 from configs import fake_data_benchmark
@@ -107,15 +108,15 @@ def test_plateau_divides_by_ten_after_patience_and_at_most_max_drops():
   assert int(plateau.num_drops) == 1 and float(plateau.best) == pytest.approx(0.6)
 
 
-def _run_steps(config, batch, num_devices, steps):
+def _run_steps(config, batch, num_devices, num_steps):
   devices = parallel.select_devices(num_devices)
   state = train.create_train_state(config, jax.random.PRNGKey(0))
   p_step = parallel.pmap(functools.partial(
-      train.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 10)), devices,
+      steps.train_step, learning_rate_fn=optim.create_learning_rate_fn(config, 10)), devices,
                          donate_state=True)
   replicated = parallel.replicate(state, devices)
   losses = []
-  for _ in range(steps):
+  for _ in range(num_steps):
     replicated, metrics = p_step(replicated, parallel.shard(batch, num_devices))
     losses.append(float(metrics['loss'][0]))
   return parallel.unreplicate(replicated), losses
@@ -158,7 +159,7 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_crops(small_real_b
   images = small_real_batch['image']
   logits = state.apply_fn({'params': state.params}, images, train=False)
   mask = np.array([True] * 5 + [False] * 3)
-  out = parallel.pmap(train.eval_step, devices)(
+  out = parallel.pmap(steps.eval_step, devices)(
       parallel.replicate(state, devices),
       parallel.shard(dict(small_real_batch, mask=mask), 2))
   out = parallel.unreplicate(out)
@@ -172,7 +173,7 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_crops(small_real_b
   np.testing.assert_array_equal(out['class_count'], np.eye(10)[labels[:5]].sum(0))
   # Two identical crops average to the same probabilities.
   crops = dict(small_real_batch, mask=mask, image=np.stack([images, images], axis=1))
-  out2 = parallel.unreplicate(parallel.pmap(train.eval_step, devices)(
+  out2 = parallel.unreplicate(parallel.pmap(steps.eval_step, devices)(
       parallel.replicate(state, devices), parallel.shard(crops, 2)))
   np.testing.assert_allclose(out2['loss'], out['loss'], rtol=1e-5)
 
@@ -226,7 +227,7 @@ def test_learning_rate_schedules_by_hand():
 def test_a_run_says_where_its_time_went(monkeypatch, tmp_path, caplog):
   """Every training batch comes 0.5 s late: the wait shows as input_wait, and the timed
   parts never overlap (what is left of the wall time, 'other', is not negative)."""
-  delay, steps = 0.5, 6
+  delay, num_steps = 0.5, 6
   make_batches = input_pipeline.create_train_iterator
 
   def late_batches(*args, **kwargs):
@@ -235,14 +236,14 @@ def test_a_run_says_where_its_time_went(monkeypatch, tmp_path, caplog):
 
   monkeypatch.setattr(input_pipeline, 'create_train_iterator', late_batches)
   caplog.set_level('INFO')
-  config = tiny_config(num_train_steps=steps, checkpoint_every_steps=3, prefetch_to_device=1,
+  config = tiny_config(num_train_steps=num_steps, checkpoint_every_steps=3, prefetch_to_device=1,
                        num_devices=1, lr_schedule='constant')
   _, final = train.train_and_evaluate(config, tmp_path)
   spent = final['time_s']
   assert list(spent) == ['setup', 'first_step', 'train_steps', 'input_wait', 'evaluation',
                          'checkpoints', 'other']
   # One batch per step and the one prefetched ahead of the first, plus tf.data's start.
-  assert steps * delay <= spent['input_wait'] < (steps + 1) * delay + 2.5, spent
+  assert num_steps * delay <= spent['input_wait'] < (num_steps + 1) * delay + 2.5, spent
   assert all(spent[part] > 0 for part in spent if part != 'other'), spent
   assert spent['other'] >= -0.01, spent  # Rounded to 10 ms.
   assert f"Where the {final['wall_time_s']:.0f} s went: setup" in caplog.text

@@ -170,8 +170,9 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
       yield from epoch_batches[0]
       # Deleting a finished tf.data iterator joins its autotuning thread, whose pass over the
       # pipeline, starved by a train step on every core, held the next batch 13-60 s at some
-      # epochs' starts (docs/results.md); the last reference goes on a thread of its own.
-      threading.Thread(target=epoch_batches.clear, daemon=True).start()
+      # epochs' starts (docs/results.md); the last reference goes on a thread of its own, not a
+      # daemon, so that the interpreter's exit waits for it rather than cut it off in C++.
+      threading.Thread(target=epoch_batches.clear).start()
 
   return BatchIterator(_fall_back_to_careful(batches_from, start_step, config.on_bad_image),
                        config.on_bad_image, train=True)

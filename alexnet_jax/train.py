@@ -53,7 +53,6 @@ class Preempted(Exception):
     self.step = step
 
 
-
 def _check_finite(metrics: list[dict[str, Any]], first_step: int, config: ml_collections.ConfigDict,
                   last_checkpoint: int | None) -> int:
   """Counts the skipped non-finite steps in `metrics`; raises on one if the run must stop."""

@@ -96,4 +96,3 @@ def zeros_state(config: ml_collections.ConfigDict) -> TrainState:
   """
   shapes = jax.eval_shape(lambda: create_train_state(config, jax.random.PRNGKey(0)))
   return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
-

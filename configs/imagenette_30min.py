@@ -26,8 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset = 'prepared'
   config.data_dir = ml_collections.FieldReference(None, field_type=str)
   # 112 px (resize 128, the paper's 256/224 ratio): at equal epochs as accurate as 128 px
-  # (70.4% and 70.2% at epoch 8) and 1.4x faster a step, so 16 epochs fit where 128 px fits
-  # 14 (docs/results.md, runs A and C); 224 px would fit about 5.
+  # (70.4% and 70.2% at epoch 8) and 1.4x faster a step, so 19 epochs fit where 128 px fits
+  # about 14 (docs/results.md, runs A, C and D); 224 px would fit about 5.
   config.image_size = 112
   config.resize_size = 128
   config.batch_size = 64
@@ -43,7 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1
   # 0.3 instead of the paper's 0.5: +2.6 top-1 for CaffeNet at 128 px (Mishkin et al.).
   config.model.dropout_rate = 0.3
-  # What fits in 30 minutes on 2 cores with the evaluations (docs/results.md, run D).
+  # 27.7 minutes on 2 cores with the evaluations (docs/results.md, run D); a 20th epoch (85 s)
+  # would fit too, by D's step time (not run): 19 leaves room for a busier machine.
   config.num_epochs = 19.0
   # An evaluation costs ~10 s, and the save that comes with it slows the steps beside it
   # (its asynchronous write shares the 2 cores): three, at epochs 6.5, 13 and 19.

@@ -235,5 +235,5 @@ def test_evaluation_with_no_decodable_image_names_the_split_and_the_failures(tmp
   data_parallel = parallel.create('pmap', parallel.select_devices(1))
   with pytest.raises(ValueError, match=r"No image of the 'val' split of 'folder' could be "
                                        r'evaluated: 4 files failed to decode'):
-    evaluation.evaluate(data_parallel.map(steps.eval_step), data_parallel.put_state(state), config,
-                   data_parallel)
+    evaluation.evaluate(data_parallel.map(steps.eval_step), data_parallel.put_state(state),
+                        config, data_parallel)

@@ -18,6 +18,7 @@ def _outside_the_repository(tmp_path, code: str) -> subprocess.CompletedProcess:
                         capture_output=True, timeout=600, check=False)
 
 
+@pytest.mark.slow  # A fresh interpreter imports JAX and TensorFlow.
 def test_the_installed_package_and_configs_are_this_checkout(tmp_path):
   result = _outside_the_repository(tmp_path, (
       'import alexnet_jax, configs.imagenet, alexnet_jax.labels as l\n'
@@ -43,6 +44,7 @@ def test_readmes_python_example_runs_outside_the_repository(tmp_path):
   assert (tmp_path / 'run' / 'final_metrics.json').exists()
 
 
+@pytest.mark.slow  # A fresh interpreter imports JAX and TensorFlow.
 def test_the_inference_side_imports_no_trainer(tmp_path):
   result = subprocess.run([sys.executable, '-c', (
       'import sys\n'

@@ -62,7 +62,8 @@ def _config(workdir, parallelism: str, num_devices: int):
 
 @pytest.mark.usefixtures('one_device')  # Started first: they run while this test does.
 def test_the_params_are_one_tree_under_every_parallelism(model_run):
-  shapes = [jax.tree.map(lambda x: x.shape, train_state.zeros_state(_config(model_run, p, 2)).params)
+  shapes = [jax.tree.map(lambda x: x.shape,
+                         train_state.zeros_state(_config(model_run, p, 2)).params)
             for p in parallel.PARALLELISMS]
   assert shapes[0] == shapes[1] == shapes[2]
   assert train_state.model_ops(_config(model_run, 'model', 2)) == 'partitionable'

@@ -166,7 +166,13 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
       skip = first_step * batch_size if epoch == first_epoch else 0
       ds = _train_epoch(config, source, options, epoch, skip, steps_per_epoch, index, count,
                         careful)
-      yield from _numpy_batches(ds)
+      epoch_batches = [ds.as_numpy_iterator()]
+      yield from epoch_batches[0]
+      # Deleting a finished tf.data iterator joins its autotuning thread, whose pass over the
+      # pipeline, starved by a train step on every core, held the next batch 13-60 s at some
+      # epochs' starts (docs/results.md); the last reference goes on a thread of its own, not a
+      # daemon, so that the interpreter's exit waits for it rather than cut it off in C++.
+      threading.Thread(target=epoch_batches.clear).start()
 
   return BatchIterator(_fall_back_to_careful(batches_from, start_step, config.on_bad_image),
                        config.on_bad_image, train=True)
@@ -270,22 +276,7 @@ def create_eval_iterator(config, crops: Optional[int] = None,
     ds = _EVAL_DATASETS[key]
   else:
     ds = _eval_dataset(config, crops, index, count)
-  return BatchIterator(_numpy_batches(ds), config.on_bad_image, train=False)
-
-
-def _numpy_batches(ds: tf.data.Dataset) -> Iterator[Batch]:
-  """`ds.as_numpy_iterator()`, deleted when done (or dropped) on a thread of its own.
-
-  Deleting a tf.data iterator joins its autotuning thread, whose pass over the pipeline,
-  starved by a train step on every core, held the next batch 13-60 s at some epochs' starts
-  (docs/results.md). The thread is no daemon, so the interpreter's exit waits for it rather
-  than cut it off in TensorFlow's C++.
-  """
-  iterator = [ds.as_numpy_iterator()]
-  try:
-    yield from iterator[0]
-  finally:
-    threading.Thread(target=iterator.clear).start()
+  return BatchIterator(ds.as_numpy_iterator(), config.on_bad_image, train=False)
 
 
 def eval_crops(config, crops: Optional[int] = None) -> int:

@@ -42,7 +42,9 @@ DIRECTORY = 'checkpoints'
 # to four times this.
 BARRIER_TIMEOUT_S = 30
 
-# The metric saved with a checkpoint that ranks it for `BestN` and `best_step`.
+# The key of the value saved with a checkpoint that ranks it for `BestN` and `best_step`: the
+# run's config.best_metric (validation top-1 by default; runs from before the field saved it
+# under this name).
 _BEST_METRIC = 'eval_top1'
 
 
@@ -56,7 +58,7 @@ def _eval_top1(metrics: Mapping[str, float]) -> float:
 
 def create_manager(directory: epath.PathLike, keep: int, async_save: bool = True,
                    read_only: bool = False) -> ocp.CheckpointManager:
-  """A manager keeping the `keep` latest checkpoints plus the best by 'eval_top1'.
+  """A manager keeping the `keep` latest checkpoints plus the best by config.best_metric.
 
   read_only: for readers beside a training run; such a manager creates, cleans up and
   deletes nothing, so the run's save in progress (a temporary directory) is left alone. A
@@ -81,8 +83,10 @@ def create_manager(directory: epath.PathLike, keep: int, async_save: bool = True
 
 
 def save(manager: ocp.CheckpointManager, state: Any, meta: Mapping[str, Any],
-         eval_top1: float | None = None) -> None:
+         best_metric: float | None = None) -> None:
   """Starts saving `state` (host or first-replica pytree) at its step; refuses non-finite params.
+
+  best_metric: config.best_metric's value at this step (higher is better), where measured.
 
   A step saved before (when a preemption cut its evaluation short) is saved again with the
   evaluation: its old copy is moved aside, not deleted, until the new one is complete, so a
@@ -101,7 +105,7 @@ def save(manager: ocp.CheckpointManager, state: Any, meta: Mapping[str, Any],
   try:
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state_dict), meta=ocp.args.JsonSave(dict(meta))),
-                 metrics=None if eval_top1 is None else {_BEST_METRIC: eval_top1}, force=True)
+                 metrics=None if best_metric is None else {_BEST_METRIC: best_metric}, force=True)
   except Exception as e:  # pylint: disable=broad-except
     raise _save_error(manager, e) from e
   if aside is not None:
@@ -358,7 +362,8 @@ def closing(manager: ocp.CheckpointManager) -> Iterator[ocp.CheckpointManager]:
 
 
 def best_step(manager: ocp.CheckpointManager) -> int | None:
-  """The step saved with the highest eval top-1 (ties: the newest), None if none has one.
+  """The step saved with the highest config.best_metric (ties: the newest), None if none has
+  one.
 
   The same step that `create_manager`'s `BestN` keeps.
   """

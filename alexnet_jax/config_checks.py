@@ -62,6 +62,9 @@ def validate_data(config: ml_collections.ConfigDict) -> None:
   if config.image_size > config.resize_size:
     raise ValueError(f'config.image_size={config.image_size} crops from images resized to '
                      f'config.resize_size={config.resize_size}; it cannot be larger.')
+  if not 0 < config.crop_area_min <= 1:
+    raise ValueError(f'config.crop_area_min={config.crop_area_min} is a share of the image: '
+                     'it must be in (0, 1].')
   if config.seed < 0:
     raise ValueError(f'config.seed={config.seed} must not be negative.')
   if config.divide_by_std and config.divide_by_255:

@@ -54,6 +54,7 @@ FIELDS: dict[str, Field] = {
     'resize_size': Field(),
     'center_crop_train': _TRAINING,
     'train_crop': _TRAINING,
+    'crop_area_min': Field(training_only=True, added=0.08),
     # Evaluation reads it only to turn 10 crops into the 5 unmirrored ones (the ensemble
     # check compares it where the crops include mirrors).
     'random_flip': _TRAINING,
@@ -63,6 +64,10 @@ FIELDS: dict[str, Field] = {
     'divide_by_std': Field(),
     'divide_by_255': Field(added=False),
     'eval_crops': _FREE,
+    # Read as one value (`flatten`): what is measured may change between a run's parts. An old
+    # run's single evaluation is the one evaluator 'eval' (alexnet_jax.evaluators).
+    'evaluators': Field(FREE, added={'eval': {'kind': 'classification'}}),
+    'best_metric': Field(added='eval/top1'),
     'on_bad_image': Field(),
     # tf.data: speed knobs are free; what decides the examples' order is not.
     'shuffle_buffer_size': Field(),
@@ -150,10 +155,11 @@ def _copy(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def flatten(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
-  """Nested dicts as one dict keyed by dotted names: {'model': {'ops': x}} -> {'model.ops': x}."""
+  """Nested dicts as one dict keyed by dotted names: {'model': {'ops': x}} -> {'model.ops': x};
+  a dict that is a field of its own (config.evaluators) stays whole."""
   flat = {}
   for key, value in tree.items():
-    if isinstance(value, dict):
+    if isinstance(value, dict) and f'{prefix}{key}' not in FIELDS:
       flat.update(flatten(value, f'{prefix}{key}.'))
     else:
       flat[f'{prefix}{key}'] = value

@@ -4,7 +4,9 @@ Restores a checkpoint of the workdir (--checkpoint: 'latest', 'best' by validati
 step) or a weights file (--init_from), runs the config's eval split with the centre crop or
 the paper's 10 crops (softmax averaged), prints top-1/top-5 accuracy, loss and per-class
 accuracy, and writes them to DIR/eval_step<N>_<C>crop.json (eval_<weights file>_<C>crop.json
-with --init_from). The config is the one the
+with --init_from); --evaluators=NAME,... (or 'all') also runs those of the config's
+evaluators (config.evaluators: k-NN on fc7, per-class accuracy, other crops) and adds their
+metrics to the report. The config is the one the
 training run saved in DIR unless --config names one; then the numbers equal those the run
 logged for the same step (in DIR/metrics.jsonl), on any number of devices and processes (a
 whole split; with config.steps_per_eval > 0 each process evaluates the first batches of its
@@ -27,6 +29,7 @@ from alexnet_jax import cli
 from alexnet_jax import config_checks
 from alexnet_jax import ensemble
 from alexnet_jax import evaluation
+from alexnet_jax import evaluators
 from alexnet_jax import inference
 from alexnet_jax import labels
 from alexnet_jax import parallel
@@ -40,6 +43,9 @@ _ENSEMBLE = flags.DEFINE_list(
     'ensemble', [], "More training workdirs: their models and --workdir's are evaluated "
     "alone and as an ensemble (softmax averaged, the paper's section 7), side by side; the "
     'JSON goes to --workdir.')
+_EVALUATORS = flags.DEFINE_list(
+    'evaluators', [], "Also run these evaluators of the config's config.evaluators ('all': "
+    'every one) and report their metrics.')
 
 
 def main(argv):
@@ -55,6 +61,7 @@ def main(argv):
     init_from = _MODEL.init_from.value
     config = inference.load_config(_MODEL.config.value, workdir)
     config_checks.validate(config)
+    evaluators.check(config)
     config = parallel.on_this_host(config)
     state = inference.load_state(config, workdir, checkpoint, init_from)
     metrics = evaluation.evaluate_state(config, state, int(_CROPS.value or config.eval_crops))
@@ -65,12 +72,18 @@ def main(argv):
         weights=init_from or f'step {step} of {workdir}', step=step,
         checkpoint=None if init_from else str(checkpoint), init_from=init_from, crops=crops,
         dataset=config.dataset, split=config.eval_split)
+    if _EVALUATORS.value:
+      names = None if _EVALUATORS.value == ['all'] else _EVALUATORS.value
+      report['evaluators'] = evaluators.evaluate_state(config, state, names)
   if jax.process_index() == 0:
     name = epath.Path(init_from).stem if init_from else f'step{step}'
     path = workdir / f'eval_{name}_{crops}crop.json'
     workdir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2))
     print(evaluation.format_report(report))
+    for name, metrics in report.get('evaluators', {}).items():
+      print(f'{name}: ' + ', '.join(f'{key} {value:.4f}' for key, value in metrics.items()
+                                     if isinstance(value, float)))
     print(f'Wrote {path}')
 
 

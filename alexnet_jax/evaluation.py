@@ -74,15 +74,20 @@ def evaluate_state(config: ml_collections.ConfigDict, state: TrainState,
                    crops: int) -> dict[str, Any]:
   """Runs config.eval_split as `parallel.on_this_host(config)` says (the state made with that
   config's model ops); see `evaluate`."""
-  data_parallel, step = _mapped_eval_step(config.to_json_best_effort())
+  data_parallel, step = mapped_eval_step(config)
   return evaluate(step, data_parallel.put_state(state), config, data_parallel, crops)
+
+
+def mapped_eval_step(config: ml_collections.ConfigDict
+                     ) -> tuple[parallel.DataParallel, Callable[..., Any]]:
+  """The devices of `parallel.on_this_host(config)` and `steps.eval_step` mapped over them,
+  made once per config: an ensemble evaluates each member and the ensemble with the same one
+  (one compilation, one read of a mean image)."""
+  return _mapped_eval_step(config.to_json_best_effort())
 
 
 @functools.cache
 def _mapped_eval_step(config_json: str) -> tuple[parallel.DataParallel, Any]:
-  """The devices and the mapped eval step of a config, made once per config: an ensemble
-  evaluates each member and the ensemble with the same one (one compilation, one read of a
-  mean image)."""
   config = parallel.on_this_host(ml_collections.ConfigDict(json.loads(config_json)))
   data_parallel = parallel.for_config(config)
   parallel.per_device_batch_size(config.eval_batch_size, len(data_parallel.devices),

@@ -166,13 +166,7 @@ def create_train_iterator(config, start_step: int = 0, process_index: Optional[i
       skip = first_step * batch_size if epoch == first_epoch else 0
       ds = _train_epoch(config, source, options, epoch, skip, steps_per_epoch, index, count,
                         careful)
-      epoch_batches = [ds.as_numpy_iterator()]
-      yield from epoch_batches[0]
-      # Deleting a finished tf.data iterator joins its autotuning thread, whose pass over the
-      # pipeline, starved by a train step on every core, held the next batch 13-60 s at some
-      # epochs' starts (docs/results.md); the last reference goes on a thread of its own, not a
-      # daemon, so that the interpreter's exit waits for it rather than cut it off in C++.
-      threading.Thread(target=epoch_batches.clear).start()
+      yield from _numpy_batches(ds)
 
   return BatchIterator(_fall_back_to_careful(batches_from, start_step, config.on_bad_image),
                        config.on_bad_image, train=True)
@@ -276,7 +270,22 @@ def create_eval_iterator(config, crops: Optional[int] = None,
     ds = _EVAL_DATASETS[key]
   else:
     ds = _eval_dataset(config, crops, index, count)
-  return BatchIterator(ds.as_numpy_iterator(), config.on_bad_image, train=False)
+  return BatchIterator(_numpy_batches(ds), config.on_bad_image, train=False)
+
+
+def _numpy_batches(ds: tf.data.Dataset) -> Iterator[Batch]:
+  """`ds.as_numpy_iterator()`, deleted on a thread of its own once exhausted.
+
+  Deleting a tf.data iterator joins its autotuning thread, whose pass over the pipeline,
+  starved by a train step on every core, held the next batch 13-60 s at some epochs' starts
+  (docs/results.md). The thread is no daemon, so the interpreter's exit waits for it rather
+  than cut it off in TensorFlow's C++. An iterator dropped before its end (a preempted
+  evaluation, a run's last epoch) is deleted where it is dropped: one whose threads are still
+  producing, deleted on a non-daemon thread, kept the process from exiting.
+  """
+  iterator = [ds.as_numpy_iterator()]
+  yield from iterator[0]
+  threading.Thread(target=iterator.clear).start()
 
 
 def eval_crops(config, crops: Optional[int] = None) -> int:
@@ -349,6 +358,7 @@ def preprocessing_options(config, encoded: bool = True,
       encoded=encoded,
       channels=config.input_channels,
       train_crop=config.train_crop,
+      crop_area_min=config.crop_area_min,
       center_crop_train=config.center_crop_train,
       random_flip=config.random_flip,
       pca_lighting_std=config.pca_lighting_std,

@@ -31,8 +31,9 @@ PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
 PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009),
               (-0.5808, -0.0045, -0.8140),
               (-0.5836, -0.6948, 0.4203))
-# Inception-style random-resized crop (torchvision's RandomResizedCrop defaults).
-CROP_AREA_RANGE = (0.08, 1.0)
+# Inception-style random-resized crop (torchvision's RandomResizedCrop defaults; the smallest
+# area is Options.crop_area_min).
+CROP_AREA_MIN = 0.08
 CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 
 # A crop window: int32 [4] = (offset_y, offset_x, height, width).
@@ -50,6 +51,7 @@ class Options:
     channels: C of the output, 3 (RGB; grey files repeated) or 1 (grey; colour files and
       pixels reduced to their luminance, grey stays grey).
     train_crop: 'paper' (random S crop of the canvas) or 'random_resized' (Inception style).
+    crop_area_min: the smallest share of the image a 'random_resized' crop covers.
     center_crop_train: 'paper' crops come from the central square resized to R x R; False:
       from the whole image with its shorter side resized to R.
     random_flip: mirror training images with probability 1/2.
@@ -65,6 +67,7 @@ class Options:
   encoded: bool = True
   channels: int = 3
   train_crop: str = 'paper'
+  crop_area_min: float = CROP_AREA_MIN
   center_crop_train: bool = True
   random_flip: bool = True
   pca_lighting_std: float = 0.1
@@ -83,16 +86,17 @@ def whole_image(shape: tf.Tensor) -> tf.Tensor:
   return tf.stack([0, 0, shape[0], shape[1]])
 
 
-def random_resized_window(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-  """Inception-style window: 8-100% of the area, aspect ratio 3/4-4/3 (the whole image if 10
-  tries fail)."""
+def random_resized_window(shape: tf.Tensor, seed: tf.Tensor,
+                          area_min: float = CROP_AREA_MIN) -> tf.Tensor:
+  """Inception-style window: area_min-100% of the area, aspect ratio 3/4-4/3 (the whole image
+  if 10 tries fail)."""
   begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
       tf.concat([shape, [3]], axis=0),
       bounding_boxes=tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4]),
       seed=seed,
       min_object_covered=0.0,  # The area range alone bounds the crop.
       aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
-      area_range=CROP_AREA_RANGE,
+      area_range=(area_min, 1.0),
       max_attempts=10,
       use_image_if_no_bounding_boxes=True)
   return tf.stack([begin[0], begin[1], size[0], size[1]])
@@ -274,7 +278,8 @@ def train_image(data: tf.Tensor, seed: tf.Tensor, options: Options) -> dict[str,
   crop_seed, flip_seed, lighting_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
   if options.train_crop == 'random_resized':
-    window_fn = functools.partial(random_resized_window, seed=crop_seed)
+    window_fn = functools.partial(random_resized_window, seed=crop_seed,
+                                  area_min=options.crop_area_min)
     image = resize(decode_and_crop(data, window_fn, options.encoded, options.channels),
                    (size, size))
     offset = tf.zeros([2], tf.int32)  # Not a window of the canvas: keep_window refuses it.

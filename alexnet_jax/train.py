@@ -5,7 +5,7 @@
     state, metrics = train.train_and_evaluate(config, workdir)
 
 The loop joins what other modules make: the train state (`train_state`), the per-device steps
-(`steps`), the input pipeline, evaluation (`evaluation`), checkpoints and metrics. TensorFlow
+(`steps`), the input pipeline, the evaluators (`evaluators`), checkpoints and metrics. TensorFlow
 (tf.data) is imported only when data is read.
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_checks
-from alexnet_jax import evaluation
+from alexnet_jax import evaluators
 from alexnet_jax import host_memory
 from alexnet_jax import models
 from alexnet_jax import normalize
@@ -82,7 +82,6 @@ class _Plan:
   data_parallel: parallel.DataParallel
   steps_per_epoch: int
   total_steps: int
-  eval_every: int
   streamed: bool  # The training batches depend on the process count (`DatasetInfo.streamed`).
 
 
@@ -119,6 +118,7 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   workdir = epath.Path(workdir)
   config_checks.validate(config)
+  evaluators.check(config)
   devices = parallel.select_devices(config.num_devices)
   parallel.per_device_batch_size(config.batch_size, len(devices), 'batch_size')
   parallel.per_device_batch_size(config.eval_batch_size, len(devices), 'eval_batch_size')
@@ -133,7 +133,6 @@ def _set_up(config: ml_collections.ConfigDict, workdir: epath.PathLike) -> _Plan
                data_parallel=parallel.for_config(config),
                steps_per_epoch=steps_per_epoch,
                total_steps=total_steps,
-               eval_every=max(1, int(config.eval_every_epochs * steps_per_epoch)),
                streamed=info.streamed)
 
 
@@ -233,15 +232,15 @@ class _Loop:
         steps.train_step, label_smoothing=config.label_smoothing, normalization=normalization,
         learning_rate_fn=optim.create_learning_rate_fn(config, plan.steps_per_epoch)),
                                      donate_state=True)
-    self.p_eval_step = self.par.map(
-        functools.partial(steps.eval_step, normalization=normalization))
+    self.evaluators = evaluators.create(config, self.par, self.par.map(
+        functools.partial(steps.eval_step, normalization=normalization)))
     self.train_batches = input_pipeline.create_train_iterator(
         config, start_step=self.start_step, process_index=jax.process_index(),
         process_count=jax.process_count())
     self.replicated = self.par.put_state(state)
     self.throughput = reporting.Throughput(self.start_step, plan.total_steps, config.batch_size)
     self.pending, self.pending_from = [], self.start_step
-    self.summary, self.eval_metrics = {}, {}
+    self.summary, self.eval_metrics = {}, {}  # eval_metrics: each evaluator's latest.
     self.step_drops = ({int(e * plan.steps_per_epoch) for e in config.step_epochs}
                        if config.lr_schedule == 'step' else set())
 
@@ -260,7 +259,7 @@ class _Loop:
       with self.time_spent('first_step' if first else 'train_steps'):
         self._step(batch, first)
       stop = notice.reached()
-      is_eval = step % plan.eval_every == 0 or step == plan.total_steps
+      is_eval = bool(self._due(step))
       if step in self.step_drops:
         self.writer.write(step, 'lr_drop', {'scale': config.plateau_factor})
       if step % config.log_every_steps == 0 or is_eval or stop:
@@ -297,37 +296,54 @@ class _Loop:
     self.writer.write(step, 'train', self.summary)
     self.pending, self.pending_from = [], step
 
+  def _due(self, step: int) -> list[str]:
+    """The evaluators that run after `step`."""
+    return evaluators.due(self.evaluators, step, self.plan.steps_per_epoch,
+                          self.plan.total_steps)
+
   def _evaluate(self, step: int, notice: preemption.Notice) -> bool:
-    """Evaluates, runs the plateau rule, plots and saves; False if `notice` cut it short
-    (then the state is saved to be evaluated on resume)."""
+    """Runs the evaluators due, the plateau rule, plots and saves; False if `notice` cut it
+    short (then the state is saved to be evaluated on resume)."""
+    results = {}
     with self.time_spent('evaluation'):
-      metrics = evaluation.evaluate(self.p_eval_step, self.replicated, self.plan.config,
-                                    self.par, notice=notice)
-    if metrics is None:
-      logging.warning('Preempted during the evaluation of step %d: it runs again on resume.',
-                      step)
-      self._save(eval_pending=True)
-      return False
-    self._record_eval(step, metrics)
-    self._run_plateau_rule(step, metrics['top1'])
+      for name in self._due(step):
+        results[name] = self.evaluators[name].run(self.replicated, notice)
+        if results[name] is None:
+          logging.warning('Preempted during the evaluation of step %d: it runs again on '
+                          'resume.', step)
+          self._save(eval_pending=True)
+          return False
+    best = self._record_eval(step, results)
+    if best is not None:
+      self._run_plateau_rule(step, best)
     self._plot()
-    self._save(metrics['top1'])
+    self._save(best)
     return True
 
-  def _record_eval(self, step: int, metrics: dict[str, Any]) -> None:
-    """Writes the evaluation's metrics and keeps the best top-1 (with its top-5) so far."""
-    self.eval_metrics = metrics
-    self.writer.write(step, 'eval', {k: metrics[k] for k in ('loss', 'top1', 'top5')})
-    if metrics['top1'] > self.meta.get('best_eval_top1', -1.0):
-      self.meta.update(best_eval_top1=metrics['top1'], best_eval_top5=metrics['top5'])
+  def _record_eval(self, step: int, results: dict[str, dict[str, Any]]) -> float | None:
+    """Writes each evaluator's scalars, keeps the best so far; returns config.best_metric
+    (None where its evaluator did not run at `step`)."""
+    for name, metrics in results.items():
+      self.writer.write(step, name, evaluators.scalars(self.evaluators[name], metrics))
+    self.eval_metrics.update(results)
+    primary = results.get(evaluators.PRIMARY)
+    if primary and primary['top1'] > self.meta.get('best_eval_top1', -1.0):
+      self.meta.update(best_eval_top1=primary['top1'], best_eval_top5=primary['top5'])
+    best_name, _, metric = self.plan.config.best_metric.partition('/')
+    if best_name not in results:
+      return None
+    value = results[best_name][metric]
+    self.meta['best_metric_value'] = max(value, self.meta.get('best_metric_value', -1.0))
+    return value
 
-  def _run_plateau_rule(self, step: int, eval_top1: float) -> None:
-    """The paper's rule: the learning rate drops when validation top-1 stops improving."""
+  def _run_plateau_rule(self, step: int, value: float) -> None:
+    """The paper's rule: the learning rate drops when config.best_metric (validation top-1
+    in the paper) stops improving."""
     config = self.plan.config
     plateau, dropped = optim.update_plateau(
-        self.par.get(self.replicated.plateau), eval_top1, config)
+        self.par.get(self.replicated.plateau), value, config)
     if dropped:
-      logging.info('Validation top-1 stopped improving: learning rate x%g at step %d.',
+      logging.info('%s stopped improving: learning rate x%g at step %d.', config.best_metric,
                    config.plateau_factor, step)
       self.writer.write(step, 'lr_drop', {'scale': float(plateau.scale)})
     self.replicated = self.replicated.replace(plateau=self.par.put_state(plateau))
@@ -338,14 +354,15 @@ class _Loop:
       plots.plot_learning_curves(reporting.read_history(self.plan.workdir),
                                  self.plan.workdir / 'curves.png', self.plan.steps_per_epoch)
 
-  def _save(self, eval_top1: float | None = None, eval_pending: bool = False) -> None:
-    """Saves the state; `eval_pending`: its step's evaluation is still to run (on resume)."""
+  def _save(self, best_metric: float | None = None, eval_pending: bool = False) -> None:
+    """Saves the state with config.best_metric's value, where measured; `eval_pending`: its
+    step's evaluation is still to run (on resume)."""
     with self.time_spent('checkpoints'):
       state = self.par.get(self.replicated)
       if eval_pending and int(state.step) in self.manager.all_steps():
         return  # Preempted again before evaluating this restored state: saved as it is.
       meta = {**self.meta, 'eval_pending': True} if eval_pending else self.meta
-      checkpointing.save(self.manager, state, meta, eval_top1)
+      checkpointing.save(self.manager, state, meta, best_metric)
 
   def _time_report(self, wall_time_s: float) -> dict[str, float]:
     """Seconds of this run (since it started or resumed) per part, logged; 'other' is the
@@ -359,13 +376,19 @@ class _Loop:
   def finish(self, wall_time_s: float) -> tuple[TrainState, dict[str, Any]]:
     """The final state and metrics; writes final_metrics.json (process 0)."""
     state = self.par.get(self.replicated)
-    run, meta, eval_metrics = self.plan, self.meta, self.eval_metrics
+    run, meta = self.plan, self.meta
+    eval_metrics = self.eval_metrics.get(evaluators.PRIMARY, {})
     final = {'step': int(state.step), 'epoch': int(state.step) / run.steps_per_epoch,
              'train_loss': self.summary.get('loss'), 'eval_loss': eval_metrics.get('loss'),
              'eval_top1': eval_metrics.get('top1'), 'eval_top5': eval_metrics.get('top5'),
              'eval_crops': eval_metrics.get('crops'),
              'best_eval_top1': meta.get('best_eval_top1'),
-             'best_eval_top5': meta.get('best_eval_top5'), 'skipped_steps': meta['skipped_steps'],
+             'best_eval_top5': meta.get('best_eval_top5'),
+             'best_metric': run.config.best_metric,
+             'best_metric_value': meta.get('best_metric_value'),
+             'evaluators': {name: evaluators.scalars(self.evaluators[name], metrics)
+                            for name, metrics in self.eval_metrics.items()},
+             'skipped_steps': meta['skipped_steps'],
              # Since this run started (not before a resume); includes the prefetched batches.
              'skipped_train_images': parallel.sum_over_processes(self.train_batches.num_skipped),
              'skipped_eval_images': eval_metrics.get('skipped_images', 0),

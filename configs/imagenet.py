@@ -37,6 +37,9 @@ def get_config() -> ml_collections.ConfigDict:
   # 'paper': random image_size crop of the resized image; 'random_resized': Inception-style
   # area/aspect crop (the modern default of torchvision and Flax's ImageNet example).
   config.train_crop = 'paper'
+  # The smallest image share a 'random_resized' crop covers: 0.08 (Inception, torchvision's
+  # RandomResizedCrop); fast.ai's Imagenette training uses 0.35.
+  config.crop_area_min = 0.08
   config.random_flip = True  # Paper: horizontal reflections.
   config.pca_lighting_std = 0.1  # Paper: alpha ~ N(0, 0.1) on the RGB eigenbasis; 0 turns it off.
   # 'channel': subtract the per-channel ImageNet mean (torchvision/Flax habit, our default);
@@ -126,6 +129,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_train_steps = -1  # > 0 overrides num_epochs.
   config.steps_per_eval = -1  # -1: the whole eval split.
   config.eval_every_epochs = 1.0
+  # What each evaluation measures (alexnet_jax/evaluators.py): a name -> {'kind':
+  # 'classification' | 'per_class' | 'knn', 'every_epochs', and the kind's own settings}. The
+  # default is the paper's validation top-1/top-5 at config.eval_crops, every
+  # eval_every_epochs; add e.g. 'knn': {'kind': 'knn', 'k': 20} for fc7 nearest neighbours.
+  config.evaluators = ml_collections.ConfigDict({'eval': {'kind': 'classification'}})
+  # '<evaluator>/<metric>' the plateau rule and the best checkpoint read. Paper: the
+  # validation error rate drives the learning-rate drops.
+  config.best_metric = 'eval/top1'
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
   config.keep_checkpoints = 3  # Plus the best by val top-1.

@@ -232,7 +232,7 @@ print('RETURNED')
 @pytest.mark.slow
 @pytest.mark.parametrize('save_args, returns', [
     # The pending evaluation ran to its end: the step is saved again, with its result.
-    ({'eval_top1': 0.5}, False),
+    ({'best_metric': 0.5}, False),
     # Preempted again while re-running it: the restored state is on disk as it is.
     ({'eval_pending': True}, True),
 ])

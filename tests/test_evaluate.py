@@ -88,6 +88,7 @@ def test_latest_on_one_device_equals_the_training_eval(trained, results):
   assert 'n01440764 tench' in stdout
 
 
+@pytest.mark.slow
 def test_ten_crops_of_real_photos_run_and_differ_from_the_centre_crop(trained, results):
   status, _, stderr = results['ten_crops']
   assert status == 0, stderr[-3000:]
@@ -100,6 +101,7 @@ def test_ten_crops_of_real_photos_run_and_differ_from_the_centre_crop(trained, r
     ('bad_name', "No checkpoint is called 'newest': name a step number, 'best' or 'latest'."),
     ('unknown_step', f'No checkpoint of step {STEPS + 1} in '),
 ])
+@pytest.mark.slow
 def test_bad_checkpoint_is_one_clear_line_and_nonzero_exit(results, name, message):
   status, _, stderr = results[name]
   assert status == 1
@@ -108,22 +110,28 @@ def test_bad_checkpoint_is_one_clear_line_and_nonzero_exit(results, name, messag
   assert 'Traceback' not in stderr
 
 
-def test_best_step_and_weights_file_give_the_evaluated_params(trained, tmp_path):
+# The in-process checks read conftest's tiny run (checkpoints at steps 1 and 2, evaluated at
+# 2), which the fast tier trains anyway, rather than `trained`, a fresh process of its own.
+TINY_STEPS = 2
+
+
+def test_best_step_and_weights_file_give_the_evaluated_params(tiny_runs, tmp_path):
+  trained = tiny_runs['a']
   config = inference.load_config(None, trained)
   states = {which: inference.load_state(config, trained, which)
-            for which in ('latest', 'best', STEPS)}
+            for which in ('latest', 'best', TINY_STEPS)}
   convert.save_npz(states['latest'].params, tmp_path / 'params.npz')
   states['npz'] = inference.load_state(config, trained, init_from=tmp_path / 'params.npz')
   for state in states.values():
     for a, b in zip(jax.tree.leaves(states['latest'].params), jax.tree.leaves(state.params)):
       np.testing.assert_array_equal(a, b)
-  assert int(states['best'].step) == STEPS
+  assert int(states['best'].step) == TINY_STEPS
 
 
 @pytest.mark.parametrize('call,error,message', [
-    (lambda config, workdir: inference.load_state(config, workdir, STEPS + 1),
-     checkpointing.CheckpointError, f'No checkpoint of step {STEPS + 1} in .*its steps are '
-                                    rf'\[{STEPS}\]'),
+    (lambda config, workdir: inference.load_state(config, workdir, TINY_STEPS + 1),
+     checkpointing.CheckpointError, f'No checkpoint of step {TINY_STEPS + 1} in .*its steps '
+                                    r'are \[1, 2\]'),
     (lambda config, workdir: inference.load_state(config, workdir / 'none'),
      checkpointing.CheckpointError, 'No checkpoints in'),
     (lambda config, workdir: inference.load_config(None, workdir / 'none'),
@@ -132,12 +140,13 @@ def test_best_step_and_weights_file_give_the_evaluated_params(trained, tmp_path)
                                                   init_from=workdir / 'metrics.jsonl'),
      ValueError, 'is neither an .npz'),
 ])
-def test_user_errors_say_what_is_wrong(trained, call, error, message):
+def test_user_errors_say_what_is_wrong(tiny_runs, call, error, message):
   with pytest.raises(error, match=message):
-    call(inference.load_config(None, trained), trained)
+    call(inference.load_config(None, tiny_runs['a']), tiny_runs['a'])
 
 
-def test_damaged_weights_file_is_a_clear_error(trained, tmp_path):
+def test_damaged_weights_file_is_a_clear_error(tiny_runs, tmp_path):
+  trained = tiny_runs['a']
   (tmp_path / 'broken.npz').write_bytes(b'not a zip file')
   with pytest.raises(ValueError, match=r"Cannot use init_from='.*broken.npz': "):
     inference.load_state(inference.load_config(None, trained), trained,

@@ -344,39 +344,59 @@ def test_an_eval_split_smaller_than_the_processes_is_refused_by_every_process(im
       input_pipeline.create_eval_iterator(config, process_index=index, process_count=12)
 
 
+class _RecordsDeletion:
+  """A dataset stand-in whose numpy iterator notes the thread that deletes it."""
+
+  def __init__(self, ds, deleted_on: list):
+    self._ds, self._deleted_on = ds, deleted_on
+
+  def as_numpy_iterator(self):
+    return _NotedIterator(self._ds.as_numpy_iterator(), self._deleted_on)
+
+
+class _NotedIterator:
+
+  def __init__(self, batches, deleted_on: list):
+    self._batches, self._deleted_on = batches, deleted_on
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._batches)
+
+  def __del__(self):
+    self._deleted_on.append(threading.get_ident())
+
+
+def _deleting_thread(deleted_on: list) -> int:
+  for _ in range(100):  # The deleting thread gets up to 10 s.
+    if deleted_on:
+      return deleted_on[0]
+    time.sleep(0.1)
+  raise AssertionError('The iterator was never deleted.')
+
+
 def test_an_epochs_finished_iterator_is_deleted_off_the_training_thread(image_folder,
                                                                        monkeypatch):
   # Deleting a finished tf.data iterator joins its autotuning thread, which blocked the next
   # batch for up to a minute beside a train step (docs/results.md); the loop must not wait.
   deleted_on = []
   make_epoch = input_pipeline._train_epoch
-
-  class Batches:
-    def __init__(self, ds):
-      self._batches = ds.as_numpy_iterator()
-
-    def __iter__(self):
-      return self
-
-    def __next__(self):
-      return next(self._batches)
-
-    def __del__(self):
-      deleted_on.append(threading.get_ident())
-
-  class Epoch:
-    def __init__(self, ds):
-      self._ds = ds
-
-    def as_numpy_iterator(self):
-      return Batches(self._ds)
-
-  monkeypatch.setattr(input_pipeline, '_train_epoch',
-                      lambda *args, **kwargs: Epoch(make_epoch(*args, **kwargs)))
+  monkeypatch.setattr(input_pipeline, '_train_epoch', lambda *args, **kwargs: _RecordsDeletion(
+      make_epoch(*args, **kwargs), deleted_on))
   batches = input_pipeline.create_train_iterator(_folder_config(image_folder))
   _take(batches, 4)  # Epoch 0's 3 batches, then epoch 1's first.
-  for _ in range(100):  # The deleting thread gets up to 10 s.
-    if deleted_on:
-      break
-    time.sleep(0.1)
-  assert deleted_on and deleted_on[0] != threading.get_ident()
+  assert _deleting_thread(deleted_on) != threading.get_ident()
+
+
+def test_a_finished_evaluations_iterator_is_deleted_off_the_calling_thread(image_folder,
+                                                                          monkeypatch):
+  deleted_on = []
+  make_split = input_pipeline._eval_dataset
+  monkeypatch.setattr(input_pipeline, '_eval_dataset', lambda *args: _RecordsDeletion(
+      make_split(*args), deleted_on))
+  batches = input_pipeline.create_eval_iterator(_folder_config(image_folder, cache=False))
+  assert len(list(batches)) == 3
+  del batches
+  assert _deleting_thread(deleted_on) != threading.get_ident()

@@ -213,14 +213,15 @@ def test_lighting_travels_with_the_pixels(photos):
   assert np.all(np.abs(lit['lighting']) > 1e-3)
 
 
-def test_random_resized_windows():
+@pytest.mark.parametrize('area_min', [0.08, 0.35])
+def test_random_resized_windows(area_min):
   shape = tf.constant([375, 500])
   windows = tf.data.Dataset.range(500).map(lambda i: preprocessing.random_resized_window(
-      shape, tf.stack([tf.constant(0, tf.int64), i])))
+      shape, tf.stack([tf.constant(0, tf.int64), i]), area_min))
   y, x, height, width = np.stack(list(windows.as_numpy_iterator())).T
   assert np.all((y >= 0) & (x >= 0) & (y + height <= 375) & (x + width <= 500))
   area = height * width / (375 * 500)
-  assert area.min() >= 0.08 - 0.01 and area.max() <= 1.0
+  assert area_min - 0.01 <= area.min() < area_min + 0.05 and area.max() <= 1.0
   ratio = width / height
   assert np.all((ratio > 3 / 4 * 0.95) & (ratio < 4 / 3 * 1.05))
   assert np.ptp(area) > 0.5  # They do vary.

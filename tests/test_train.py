@@ -183,6 +183,7 @@ def test_eval_step_counts_only_unmasked_examples_and_averages_crops(small_real_b
     ('learning_rate', -0.1, 'config.learning_rate=-0.1 must be positive'),
     ('optimizer', 'adam', "config.optimizer='adam' is not one of"),
     ('image_size', 32, 'minimum is 63'),
+    ('crop_area_min', 0.0, r'config.crop_area_min=0.0 is a share of the image: it must be in'),
 ])
 def test_bad_config_values_give_one_clear_error(field, value, message):
   config = tiny_config()

@@ -57,7 +57,7 @@ def define_model_flags() -> ModelFlags:
           lock_config=True),
       checkpoint=flags.DEFINE_string(
           'checkpoint', 'latest', "Checkpoint of --workdir: a step, 'latest' or 'best' (by "
-          'validation top-1).'),
+          "config.best_metric, validation top-1 by default)."),
       init_from=flags.DEFINE_string(
           'init_from', None, 'Use these weights instead of a checkpoint: an .npz of '
           'alexnet_jax.convert or a torch .pth state_dict.'))

@@ -358,7 +358,7 @@ def main(argv: list[str] | None = None) -> None:
                                         'in it) to export.')
   parser.add_argument('--out', required=True, help='.npz of Flax params to write.')
   parser.add_argument('--checkpoint', default='latest', choices=('latest', 'best'),
-                      help='With --workdir: the latest, or the best by validation top-1.')
+                      help='With --workdir: the latest, or the best by config.best_metric.')
   parser.add_argument('--variant', default='torchvision', choices=models.VARIANTS,
                       help='With --torch: the AlexNet the weights belong to.')
   parser.add_argument('--image_size', type=int, default=224,

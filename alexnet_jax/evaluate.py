@@ -1,6 +1,6 @@
 """Evaluates a trained AlexNet: `python -m alexnet_jax.evaluate --workdir=DIR [--crops=10]`.
 
-Restores a checkpoint of the workdir (--checkpoint: 'latest', 'best' by validation top-1, or a
+Restores a checkpoint of the workdir (--checkpoint: 'latest', 'best' by config.best_metric, or a
 step) or a weights file (--init_from), runs the config's eval split with the centre crop or
 the paper's 10 crops (softmax averaged), prints top-1/top-5 accuracy, loss and per-class
 accuracy, and writes them to DIR/eval_step<N>_<C>crop.json (eval_<weights file>_<C>crop.json
@@ -53,6 +53,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   cli.start()
   if _ENSEMBLE.value:
+    if _EVALUATORS.value:
+      raise app.UsageError('--evaluators runs on one model; leave it out with --ensemble.')
     ensemble.main([_MODEL.workdir.value, *_ENSEMBLE.value], _MODEL, _CROPS.value)
     return
   with cli.user_errors():

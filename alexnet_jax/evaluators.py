@@ -23,6 +23,7 @@ import pathlib
 import tempfile
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -122,8 +123,10 @@ class KNearestNeighbours(Evaluator):
 
   The paper's Figure 4 (right) as a number: each eval image (centre crop) takes the label most
   of its k nearest training images (Euclidean, fc7 after its ReLU) have. The features are
-  computed afresh on this host's devices (`features.compute_split`, into a temporary
-  directory: a bank larger than memory is fine) and searched with `features.nearest`.
+  computed afresh (`features.compute_split`, written to a temporary directory under TMPDIR,
+  memory-mapped from there: on a disk a bank larger than memory is fine, on a tmpfs it is
+  memory) and searched with `features.nearest`. One process only (`check` refuses more):
+  the search spans the devices of every process, and each would feed it the same rows.
   A preemption is noticed between the two splits and after the search, not within them.
   """
   scalars = ('top1',)
@@ -158,9 +161,17 @@ KINDS: dict[str, type[Evaluator]] = {
     'classification': Classification, 'per_class': PerClass, 'knn': KNearestNeighbours}
 
 
+# Kinds of metrics.jsonl records that the loop writes itself.
+_RESERVED_NAMES = ('train', 'lr_drop')
+
+
 def check(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming a bad evaluator setting or a best_metric no evaluator gives."""
   for name, settings in config.evaluators.items():
+    if name in _RESERVED_NAMES or '/' in name:
+      raise ValueError(f'config.evaluators.{name}: an evaluator may not be named '
+                       f"{_RESERVED_NAMES} (metrics.jsonl's own records) nor hold '/' "
+                       '(best_metric is <evaluator>/<metric>).')
     kind = settings.get('kind')
     if kind not in KINDS:
       raise ValueError(f'config.evaluators.{name}.kind={kind!r} is not one of '
@@ -171,6 +182,10 @@ def check(config: ml_collections.ConfigDict) -> None:
                        f'evaluator does not read; it reads {KINDS[kind].settings}.')
     if settings.get('every_epochs', 1.0) <= 0 or settings.get('k', 1) < 1:
       raise ValueError(f'config.evaluators.{name}: every_epochs and k must be positive.')
+    if kind == 'knn' and jax.process_count() > 1:
+      raise ValueError(f'config.evaluators.{name} is a k-NN evaluator, which runs in one '
+                       f'process; this job has {jax.process_count()}. Run it after training '
+                       'with python -m alexnet_jax.evaluate --evaluators=' + name + '.')
     if settings.get('crops', 1) not in (1, 5, 10):
       raise ValueError(f'config.evaluators.{name}.crops={settings["crops"]} is not one of '
                        '(1, 5, 10).')

@@ -133,7 +133,8 @@ def total_train_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -
 
 @flax.struct.dataclass
 class PlateauState:
-  """The paper's schedule state: divide the learning rate when val top-1 stops improving.
+  """The paper's schedule state: divide the learning rate when config.best_metric (val top-1
+  by default) stops improving.
 
   scale: the factor on the learning rate (1, 0.1, 0.01, ...).
   best: the validation top-1 of the last significant improvement (see `update_plateau`):
@@ -154,7 +155,8 @@ class PlateauState:
 
 def update_plateau(plateau: PlateauState, eval_top1: float,
                    config: ml_collections.ConfigDict) -> tuple[PlateauState, bool]:
-  """Records one evaluation; returns the new state and whether the learning rate dropped.
+  """Records one evaluation of config.best_metric (`eval_top1`, higher is better); returns the
+  new state and whether the learning rate dropped.
 
   Runs on the host between steps. An evaluation improves when its top-1 beats `best` by more
   than `plateau_min_delta`: absolutely ('abs', PyTorch's ReduceLROnPlateau threshold_mode='abs')

@@ -333,7 +333,10 @@ class _Loop:
     if best_name not in results:
       return None
     value = results[best_name][metric]
-    self.meta['best_metric_value'] = max(value, self.meta.get('best_metric_value', -1.0))
+    # A checkpoint from before best_metric existed ranked by validation top-1: its best.
+    before = (self.meta.get('best_eval_top1', -1.0)
+              if self.plan.config.best_metric == evaluators.DEFAULT_BEST_METRIC else -1.0)
+    self.meta['best_metric_value'] = max(value, self.meta.get('best_metric_value', before))
     return value
 
   def _run_plateau_rule(self, step: int, value: float) -> None:

@@ -108,12 +108,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.0  # Paper: none.
 
   # --------------------------------------------------- learning rate
-  # 'plateau': divide by plateau_factor when val top-1 stops improving (paper, three times);
+  # 'plateau': divide by plateau_factor when best_metric (val top-1) stops improving (paper,
+  # three times);
   # 'step': multiply by plateau_factor at each epoch in step_epochs; 'cosine' and 'linear'
   # (decay to zero over the run; linear: budgeted training, Li et al. 2020); 'constant'.
   config.lr_schedule = 'plateau'
   config.plateau_factor = 0.1  # Paper: divide by 10.
-  config.plateau_patience = 3  # Evaluations without improvement before a drop (our choice).
+  # Evaluations of best_metric without improvement before a drop (our choice).
+  config.plateau_patience = 3
   config.plateau_min_delta = 1e-3  # Smallest top-1 gain that counts as improvement.
   # 'abs': a gain of more than min_delta (PyTorch ReduceLROnPlateau's threshold_mode='abs');
   # 'rel': more than best * min_delta (PyTorch's default 'rel').
@@ -139,7 +141,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.best_metric = 'eval/top1'
   config.log_every_steps = 100
   config.checkpoint_every_steps = 1000
-  config.keep_checkpoints = 3  # Plus the best by val top-1.
+  config.keep_checkpoints = 3  # Plus the best by best_metric.
   config.seed = 0
   config.num_devices = 0  # 0: all local devices; N: the first N (e.g. to compare counts).
   # 'pmap' (jax.pmap, what Flax's ImageNet example uses) or 'mesh' (jax.jit over a Mesh of

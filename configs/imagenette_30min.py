@@ -43,8 +43,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.label_smoothing = 0.1
   # 0.1 instead of the paper's 0.5: at this budget regularisation costs more than it saves.
   # 0.3 (+2.6 top-1 for CaffeNet at 128 px on ImageNet, Mishkin et al. 2017) gave 76.1% and
-  # 76.2% (two seeds), 0.1 gave 76.8%; stronger augmentation (random-resized crops) 74.9%
-  # (docs/results.md, runs D, F, H, G).
+  # 76.2% (two seeds), 0.1 gave 76.8%, 0 gave 76.1%; stronger augmentation (random-resized
+  # crops) 74.9% (docs/results.md, runs D, F, H, I, G).
   config.model.dropout_rate = 0.1
   # 27.7 minutes on 2 cores with the evaluations (docs/results.md, runs D and H); a 20th epoch
   # (85 s) would fit too, by their step time (not run): 19 leaves room for a busier machine.

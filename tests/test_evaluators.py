@@ -3,6 +3,7 @@ brute-force k-NN on the same fc7 features; the loop's cadence and best metric; t
 
 import collections
 import json
+import shutil
 import subprocess
 import sys
 
@@ -127,12 +128,25 @@ def _config(**evaluator_settings):
     ({'eval': {'kind': 'classification'}}, 'knn/top1', "best_metric='knn/top1' must be"),
     ({'eval': {'kind': 'classification'}}, 'eval/loss', "best_metric='eval/loss' must be"),
     ({'eval': {'kind': 'knn'}}, 'eval/top1', "its kind must be 'classification'"),
+    ({'eval': {'kind': 'classification'}, 'train': {'kind': 'per_class'}}, 'eval/top1',
+     'may not be named'),
+    ({'eval': {'kind': 'classification'}, 'a/b': {'kind': 'per_class'}}, 'eval/top1',
+     'may not be named'),
 ])
 def test_bad_evaluator_settings_are_named(settings, best, message):
   config = _config(**settings)
   config.best_metric = best
   with pytest.raises(ValueError, match=message):
     evaluators.check(config)
+
+
+def test_a_knn_evaluator_in_a_multi_process_job_is_refused(monkeypatch):
+  # The search spans every process's devices while each feeds it the same rows.
+  monkeypatch.setattr(evaluators.jax, 'process_count', lambda: 2)
+  config = _config(eval={'kind': 'classification'}, knn={'kind': 'knn'})
+  with pytest.raises(ValueError, match='runs in one process; this job has 2'):
+    evaluators.check(config)
+  evaluators.check(_config(eval={'kind': 'classification'}))  # Without k-NN it runs.
 
 
 def test_due_follows_each_cadence_and_all_run_last():
@@ -160,10 +174,13 @@ def test_the_loop_runs_each_evaluator_at_its_cadence_and_keeps_the_best_by_best_
   config.evaluators = ml_collections.ConfigDict(
       {'eval': {'kind': 'classification'}, 'knn': {'kind': 'knn', 'k': 3, 'every_epochs': 1.0}})
   config.best_metric = 'knn/top1'
+  # Nothing counts as a gain: each evaluation of best_metric divides the learning rate.
+  config.lr_schedule, config.plateau_patience, config.plateau_min_delta = 'plateau', 1, 2.0
   _, final = train.train_and_evaluate(config, tmp_path)
   history = reporting.read_history(tmp_path)
   steps_of = lambda kind: [r['step'] for r in history if r['kind'] == kind]
   assert steps_of('eval') == [1, 2, 3, 4] and steps_of('knn') == [2, 4]
+  assert steps_of('lr_drop') == [2, 4]  # The plateau rule reads knn/top1, not eval's.
   knn = [(r['top1'], r['step']) for r in history if r['kind'] == 'knn']
   assert final['best_metric'] == 'knn/top1'
   assert final['best_metric_value'] == max(knn)[0]
@@ -180,7 +197,9 @@ def test_the_loop_runs_each_evaluator_at_its_cadence_and_keeps_the_best_by_best_
 @pytest.mark.slow
 def test_the_evaluate_command_runs_the_configs_evaluators(tiny_runs, tmp_path, env,
                                                           knn_reference):
-  saved = json.loads((tiny_runs['a'] / 'config.json').read_text())
+  workdir = tmp_path / 'run'  # A copy: the report is written into the workdir.
+  shutil.copytree(tiny_runs['a'], workdir)
+  saved = json.loads((workdir / 'config.json').read_text())
   config_file = tmp_path / 'with_evaluators.py'
   config_file.write_text(
       'import json\nimport ml_collections\n\n\ndef get_config():\n'
@@ -188,11 +207,11 @@ def test_the_evaluate_command_runs_the_configs_evaluators(tiny_runs, tmp_path, e
       f'  config.evaluators = ml_collections.ConfigDict({ALL!r})\n'
       '  return config\n')
   result = subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.evaluate', f"--workdir={tiny_runs['a']}",
+      [sys.executable, '-m', 'alexnet_jax.evaluate', f'--workdir={workdir}',
        f'--config={config_file}', '--evaluators=knn,per_class'],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads(next((tiny_runs['a']).glob('eval_step2_1crop.json')).read_text())
+  report = json.loads((workdir / 'eval_step2_1crop.json').read_text())
   assert set(report['evaluators']) == {'knn', 'per_class'}
   assert report['evaluators']['knn']['top1'] == knn_reference
   assert f"knn: top1 {knn_reference:.4f}" in result.stdout
